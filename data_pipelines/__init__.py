@@ -1,0 +1,1 @@
+"""Input pipelines: TFRecord I/O, Grain pipelines, dataset converters and transforms."""

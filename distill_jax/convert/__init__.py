@@ -1,0 +1,82 @@
+"""Checkpoint conversion: Hugging Face (and later PANN) checkpoints -> Flax NNX models.
+
+`load_hf(path)` reads `config.json`, picks the model family from `model_type`,
+builds the model abstractly (no memory), and streams every tensor of the
+safetensors checkpoint into its (sharded) place through the family's key map.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, load_state
+from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
+from distill_jax.models import qwen2
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build one model family from a HF config dict and where its keys live."""
+
+    config_from_hf: Callable[[dict[str, Any], Any], Any]  # (hf dict, dtype) -> family config
+    model_cls: type
+    key_map: Callable[[Any], KeyMap]  # family config -> key map
+
+
+def _qwen2_key_map(config: qwen2.Qwen2Config) -> KeyMap:
+    ignore = [r"\.rotary_emb\.inv_freq$"]
+    if config.tie_word_embeddings:
+        ignore.append(r"^lm_head\.weight$")  # some tied checkpoints still carry the copy
+    return KeyMap(prefixes=(("", ("",)),), ignore=tuple(ignore))
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2": Family(
+        config_from_hf=lambda d, dtype: qwen2.Qwen2Config.from_hf(
+            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        model_cls=qwen2.Qwen2ForCausalLM,
+        key_map=_qwen2_key_map,
+    ),
+}
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    with open(file) as f:
+        return json.load(f)
+
+
+def family_of(hf_config: dict[str, Any]) -> Family:
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported; known: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def key_map_for(model: nnx.Module) -> KeyMap:
+    """The key map of a model built by this module (used by the PEFT export)."""
+    for family in FAMILIES.values():
+        if isinstance(model, family.model_cls):
+            return family.key_map(model.config)
+    raise ValueError(f"no key map for {type(model).__name__}")
+
+
+def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None) -> nnx.Module:
+    """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`."""
+    hf_config = read_hf_config(path)
+    family = family_of(hf_config)
+    config = family.config_from_hf(hf_config, dtype)
+    abstract = nnx.eval_shape(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
+    ckpt = SafetensorsCheckpoint(path)
+    return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)
+
+
+__all__ = ["CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES"]

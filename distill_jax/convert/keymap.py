@@ -1,0 +1,141 @@
+"""Declarative checkpoint key maps and the streaming, bijection-checked loader.
+
+A `KeyMap` says, for every parameter path of our model, which checkpoint key(s)
+may hold it and which per-tensor transform turns the tensor into our layout.
+`load_state` fills an abstract model's state tensor by tensor, each straight
+into its sharded place (`jax.make_array_from_callback` over a memory map), and
+refuses a checkpoint whose keys do not match ours one to one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from distill_jax import sharding as sharding_lib
+from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    """torch.nn.Linear weight [out, in] -> our kernel [in, out] (a view; no copy)."""
+    return x.T
+
+
+# Our leaf name -> (checkpoint leaf name, transform).
+LEAVES: dict[str, tuple[str, Transform]] = {
+    "kernel": ("weight", transpose),
+    "embedding": ("weight", identity),
+    "scale": ("weight", identity),
+    "bias": ("bias", identity),
+}
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model one to one."""
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Module-prefix renames (ours -> alternatives in checkpoints) plus leaf renames.
+
+    prefixes: (our prefix, [checkpoint prefixes]) tried in order; the first whose
+      key exists is used (e.g. Qwen2-VL's `model.` vs `model.language_model.` naming).
+    ignore: regexes of checkpoint keys that are known to carry nothing we need.
+    leaves: our leaf name -> (checkpoint leaf name, transform); extra per-family entries
+      (e.g. a conv kernel transform) override the defaults.
+    """
+
+    prefixes: Sequence[tuple[str, Sequence[str]]] = ((("", ("",)),))
+    ignore: Sequence[str] = ()
+    leaves: dict[str, tuple[str, Transform]] = field(default_factory=lambda: dict(LEAVES))
+    overrides: dict[str, tuple[str, Transform]] = field(default_factory=dict)  # full-path regex rules
+
+    def hf_modules(self, module_path: str) -> list[str]:
+        """Checkpoint module names that our module `module_path` may have."""
+        for ours, theirs in self.prefixes:
+            if module_path.startswith(ours):
+                return [t + module_path[len(ours):] for t in theirs]
+        raise KeyError(f"{module_path}: no prefix rule in the key map")
+
+    def candidates(self, path: str) -> tuple[list[str], Transform]:
+        """Checkpoint keys that may hold our parameter `path`, and its transform."""
+        for pattern, (template, fn) in self.overrides.items():
+            if re.fullmatch(pattern, path):
+                return [re.sub(pattern, template, path)], fn
+        module, _, leaf = path.rpartition(".")
+        if leaf not in self.leaves:
+            raise KeyError(f"{path}: no key-map rule for leaf {leaf!r}")
+        hf_leaf, fn = self.leaves[leaf]
+        return [f"{m}.{hf_leaf}" for m in self.hf_modules(module)], fn
+
+    def ignored(self, key: str) -> bool:
+        return any(re.search(p, key) for p in self.ignore)
+
+
+def _path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map: KeyMap, *,
+               dtype, mesh: Mesh | None = None) -> nnx.Module:
+    """A concrete model with every base parameter of `abstract_model` read from `ckpt`.
+
+    LoRA parameters are not in base checkpoints and are left out (apply LoRA after loading).
+    """
+    graphdef, state = nnx.split(abstract_model)
+    flat = list(nnx.to_flat_state(state))
+    plan, missing, mismatched, used = [], [], [], set()
+    for path, var in flat:
+        name = _path_str(path)
+        if isinstance(var, nnx.LoRAParam):
+            raise ValueError(f"{name}: load the base model before applying LoRA")
+        if not isinstance(var, nnx.Param):
+            raise CheckpointMismatchError(f"{name}: non-parameter state {type(var).__name__} has no checkpoint rule")
+        keys, fn = key_map.candidates(name)
+        key = next((k for k in keys if k in ckpt), None)
+        if key is None:
+            missing.append(f"{keys[0]} (for {name})")
+            continue
+        used.add(key)
+        expected = tuple(var.get_value().shape)
+        got = tuple(fn(np.broadcast_to(np.zeros((), np.uint8), ckpt.shape(key))).shape)
+        if got != expected:
+            mismatched.append(f"{key}: checkpoint shape {ckpt.shape(key)} -> {got}, model {name} expects {expected}")
+            continue
+        plan.append((path, var, key, fn))
+    unexpected = sorted(k for k in ckpt.keys() if k not in used and not key_map.ignored(k))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        if mismatched:
+            parts.append(f"mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
+        raise CheckpointMismatchError("checkpoint does not match the model: " + " | ".join(parts))
+
+    specs = sharding_lib.param_partition_specs(state, mesh) if mesh is not None else None
+    spec_of = dict(nnx.to_flat_state(specs)) if specs is not None else {}
+    device = jax.local_devices()[0]
+    filled = []
+    for path, var, key, fn in plan:
+        shape = tuple(var.get_value().shape)
+        target = NamedSharding(mesh, spec_of[path]) if mesh is not None else SingleDeviceSharding(device)
+
+        def read(index, key=key, fn=fn):
+            return np.ascontiguousarray(fn(ckpt.get(key))[index]).astype(dtype)
+
+        array = jax.make_array_from_callback(shape, target, read)
+        filled.append((path, var.replace(array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))

@@ -1,0 +1,1 @@
+"""Shared building blocks: linear/embedding, norms, rotary embeddings, attention."""

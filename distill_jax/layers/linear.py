@@ -1,0 +1,81 @@
+"""Linear and embedding layers with logical axis names, and the LoRA hook of `Linear`.
+
+Kernels are stored [in, out] (torch.nn.Linear's weight transposed). Every
+parameter is created through `param` so it carries `out_sharding` logical axis
+names that `distill_jax.sharding` maps to the mesh.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def param(
+    init: Initializer,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    dtype,
+    axes: tuple[str | None, ...],
+    kind: type[nnx.Variable] = nnx.Param,
+) -> nnx.Variable:
+    """A variable of `kind` with logical axes; placement on a mesh is left to `sharding`."""
+    return kind(init(rng, shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias) (= torch.nn.Linear); `lora` is set by `models.lora.apply_lora`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str, str],
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init: Initializer = nnx.initializers.normal(0.02),
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.axes = tuple(axes)
+        self.dtype = dtype
+        self.kernel = param(kernel_init, rngs.params(), (in_features, out_features), param_dtype, axes)
+        self.bias = (
+            param(nnx.initializers.zeros, rngs.params(), (out_features,), param_dtype, axes[1:])
+            if use_bias
+            else None
+        )
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None and not self.lora.merged:
+            y = y + self.lora(x).astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed] (= torch.nn.Embedding)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(nnx.initializers.normal(0.02), rngs.params(),
+                               (num_embeddings, features), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Logits against the table (tied LM head)."""
+        return hidden.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T

@@ -1,0 +1,1 @@
+"""One module per pipeline stage (prepare, evaluate, switch, label, distill, report)."""

@@ -1,0 +1,1 @@
+"""Losses, gating, pure train/eval steps, trainer loop, checkpointing."""
