@@ -1,0 +1,169 @@
+"""LoRA adapters on `Linear` layers, merge/unmerge, and export to PEFT format.
+
+`apply_lora(model, LoraConfig(...), rngs=)` attaches an adapter to every
+`Linear` whose attribute name is a target (default: the attention and MLP
+projections). Adapter weights are `nnx.LoRAParam`, so the optimizer is built
+`wrt=nnx.LoRAParam` and everything else stays frozen. y = W x + (alpha/r) B A x,
+A kaiming-uniform and B zero at init (= PEFT's defaults).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distill_jax.layers.linear import Linear, param
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+          "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """rank r, alpha (scaling alpha/r), dropout on the adapter input, which Linears get one.
+
+    target_modules: attribute names (short forms q,k,v,o,gate,up,down accepted).
+    under: only modules whose path starts with this prefix (e.g. "language_model").
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    under: str = ""
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "target_modules", tuple(_SHORT.get(t, t) for t in self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def _kaiming_uniform_a_sqrt5(key, shape, dtype):
+    """torch.nn.init.kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / np.sqrt(shape[0])  # our A is [in, r]
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoRA(nnx.Module):
+    """The low-rank update of one Linear: (alpha/r) * dropout(x) @ lora_a @ lora_b."""
+
+    def __init__(self, linear: Linear, config: LoraConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.param_dtype)
+        in_axis, out_axis = linear.axes
+        self.lora_a = param(_kaiming_uniform_a_sqrt5, rngs.params(), (linear.in_features, config.rank), dtype,
+                            (in_axis, "lora_rank"), kind=nnx.LoRAParam)
+        self.lora_b = param(nnx.initializers.zeros, rngs.params(), (config.rank, linear.out_features), dtype,
+                            ("lora_rank", out_axis), kind=nnx.LoRAParam)
+        self.scaling = config.scaling
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+        self.merged = False
+
+    def delta(self) -> jax.Array:
+        """The dense update (alpha/r) A B, [in, out]."""
+        return (self.lora_a[...] @ self.lora_b[...]) * self.scaling
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return ((x @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)) * self.scaling
+
+
+def lora_layers(model: nnx.Module):
+    """(path, Linear) for every Linear that carries an adapter."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear) and module.lora is not None:
+            yield ".".join(str(p) for p in path), module
+
+
+def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Attach adapters in place to the target Linears of `model`; returns `model`."""
+    found = []
+    for path, module in list(nnx.iter_modules(model)):
+        name = ".".join(str(p) for p in path)
+        if isinstance(module, Linear) and path and path[-1] in config.target_modules \
+                and name.startswith(config.under):
+            if module.lora is not None:
+                raise ValueError(f"{name} already has a LoRA adapter")
+            module.lora = LoRA(module, config, rngs=rngs)
+            found.append(name)
+    if not found:
+        raise ValueError(f"no Linear named one of {config.target_modules} under {config.under!r} in "
+                         f"{type(model).__name__}")
+    model.lora_config = config
+    return model
+
+
+def merge_lora(model: nnx.Module) -> None:
+    """Fold every adapter into its base kernel (W += (alpha/r) A B); adapters then stay idle."""
+    for _, linear in lora_layers(model):
+        if not linear.lora.merged:
+            linear.kernel[...] = (linear.kernel[...] + linear.lora.delta()).astype(linear.kernel.dtype)
+            linear.lora.merged = True
+
+
+def unmerge_lora(model: nnx.Module) -> None:
+    """Undo `merge_lora` (W -= (alpha/r) A B); adapters are applied on the fly again."""
+    for _, linear in lora_layers(model):
+        if linear.lora.merged:
+            linear.kernel[...] = (linear.kernel[...] - linear.lora.delta()).astype(linear.kernel.dtype)
+            linear.lora.merged = False
+
+
+def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str | None = None) -> str:
+    """Write `adapter_config.json` + `adapter_model.safetensors` for `peft.PeftModel.from_pretrained`.
+
+    PEFT stores A as [r, in] and B as [out, r] under
+    `base_model.model.<HF module name>.lora_{A,B}.weight`.
+    """
+    from safetensors.numpy import save_file
+
+    from distill_jax.convert import key_map_for
+
+    config: LoraConfig = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("model has no LoRA adapters (apply_lora first)")
+    key_map = key_map_for(model)
+    tensors, module_names = {}, []
+    for path, linear in lora_layers(model):
+        if linear.lora.merged:
+            raise ValueError(f"{path}: unmerge LoRA before exporting the adapter")
+        hf_module = key_map.hf_modules(path)[0]
+        module_names.append(hf_module)
+        prefix = f"base_model.model.{hf_module}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(jax.device_get(linear.lora.lora_a[...]), np.float32).T)
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(jax.device_get(linear.lora.lora_b[...]), np.float32).T)
+    targets = sorted({name.rpartition(".")[2] for name in module_names})
+    if config.under:
+        hf_under = key_map.hf_modules(config.under)[0]
+        target_modules = rf"^{re.escape(hf_under)}\..*\.({'|'.join(targets)})$"
+    else:
+        target_modules = targets
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": target_modules, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    return out_dir
