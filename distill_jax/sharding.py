@@ -105,6 +105,8 @@ def param_partition_specs(state: nnx.State, mesh: Mesh | None = None) -> nnx.Sta
     scalars (e.g. RNG counters), which are replicated.
     """
 
+    problems = []
+
     def spec_of(path, var):
         name = _path_name(path)
         axes = var.get_metadata().get("out_sharding")
@@ -112,13 +114,22 @@ def param_partition_specs(state: nnx.State, mesh: Mesh | None = None) -> nnx.Sta
         if axes is None:
             if len(shape) == 0 or not isinstance(var, nnx.Param):
                 return PartitionSpec()
-            raise UnmatchedAxisError(f"{name}: parameter of shape {shape} has no logical axes")
+            problems.append(f"{name}: parameter of shape {shape} has no logical axes")
+            return PartitionSpec()
         if len(axes) != len(shape):
-            raise UnmatchedAxisError(f"{name}: logical axes {axes} do not match shape {shape}")
-        spec = logical_to_mesh(axes, name=name)
+            problems.append(f"{name}: logical axes {axes} do not match shape {shape}")
+            return PartitionSpec()
+        try:
+            spec = logical_to_mesh(axes, name=name)
+        except UnmatchedAxisError as e:
+            problems.append(str(e))
+            return PartitionSpec()
         return _fit_spec(spec, shape, mesh) if mesh is not None else spec
 
-    return nnx.map_state(spec_of, state)
+    specs = nnx.map_state(spec_of, state)
+    if problems:
+        raise UnmatchedAxisError("no sharding rule for: " + "; ".join(problems))
+    return specs
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -26,3 +26,45 @@ def pytest_configure(config):
     assert jax.device_count() == 8, (
         f"expected 8 fake CPU devices, got {jax.devices()}: was jax imported before conftest?"
     )
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """Factory: a tiny random HF Qwen2ForCausalLM saved with save_pretrained -> (dir, torch model).
+
+    Cached per distinct keyword set, so tests sharing a shape share the checkpoint.
+    """
+    import torch
+    import transformers
+
+    made = {}
+
+    def make(*, tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=2, seed=0,
+             dtype=None, max_shard_size=None, **extra):
+        key = (tie_word_embeddings, num_attention_heads, num_key_value_heads, seed, str(dtype),
+               max_shard_size, tuple(sorted(extra.items())))
+        if key not in made:
+            config = transformers.Qwen2Config(
+                vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                tie_word_embeddings=tie_word_embeddings, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
+            torch.manual_seed(seed)
+            model = transformers.Qwen2ForCausalLM(config).eval()
+            # HF initialises biases to zero; random biases make the parity test see them.
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("bias") or "norm" in name:
+                        p.add_(0.1 * torch.randn_like(p))
+            path = tmp_path_factory.mktemp("qwen2")
+            kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            if dtype is not None:
+                model = model.to(dtype)
+            model.save_pretrained(path, **kwargs)
+            made[key] = (str(path), model.float().eval())
+        return made[key]
+
+    return make

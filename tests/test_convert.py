@@ -1,0 +1,98 @@
+"""The HF converter: sharded and bf16 checkpoints, and clear errors for keys that do not match."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from distill_jax.convert import CheckpointMismatchError, load_hf
+from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
+
+
+def _rewrite(src, dst, edit):
+    """Copy checkpoint `src` to `dst` with its tensors passed through `edit(dict) -> dict`."""
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+def _logits(model, ids):
+    return np.asarray(model(input_ids=ids), np.float32)
+
+
+IDS = np.arange(10).reshape(1, 10)
+
+
+def test_sharded_checkpoint_loads_like_single_file(tiny_qwen2_dir):
+    single, _ = tiny_qwen2_dir()
+    sharded, _ = tiny_qwen2_dir(max_shard_size="100KB")
+    assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 1
+    np.testing.assert_array_equal(_logits(load_hf(sharded), IDS), _logits(load_hf(single), IDS))
+
+
+def test_bf16_checkpoint_reads_exact_values(tiny_qwen2_dir):
+    path, _ = tiny_qwen2_dir(dtype=torch.bfloat16, seed=3)
+    ckpt = SafetensorsCheckpoint(path)
+    weight = ckpt.get("model.layers.0.mlp.up_proj.weight")
+    assert weight.dtype == jnp.bfloat16
+    model = load_hf(path, dtype=jnp.bfloat16)
+    kernel = model.model.layers[0].mlp.up_proj.kernel[...]
+    assert kernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32), np.asarray(weight, np.float32).T)
+    assert np.isfinite(_logits(model, IDS)).all()
+
+
+def test_missing_key_is_named(tiny_qwen2_dir, tmp_path):
+    src, _ = tiny_qwen2_dir()
+    dst = _rewrite(src, str(tmp_path / "ckpt"),
+                   lambda t: {k: v for k, v in t.items() if k != "model.layers.1.self_attn.k_proj.bias"})
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): model\.layers\.1\.self_attn\.k_proj\.bias"):
+        load_hf(dst)
+
+
+def test_unexpected_key_is_named(tiny_qwen2_dir, tmp_path):
+    src, _ = tiny_qwen2_dir()
+    dst = _rewrite(src, str(tmp_path / "ckpt"),
+                   lambda t: {**t, "model.layers.0.extra.weight": np.zeros((3,), np.float32)})
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(1\): model\.layers\.0\.extra\.weight"):
+        load_hf(dst)
+
+
+def test_wrong_shape_is_named(tiny_qwen2_dir, tmp_path):
+    src, _ = tiny_qwen2_dir()
+    dst = _rewrite(src, str(tmp_path / "ckpt"),
+                   lambda t: {**t, "model.layers.0.mlp.up_proj.weight": np.zeros((96, 60), np.float32)})
+    with pytest.raises(CheckpointMismatchError, match=r"mis-shaped keys \(1\): model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_hf(dst)
+
+
+def test_tied_checkpoint_may_carry_lm_head_copy(tiny_qwen2_dir, tmp_path):
+    src, _ = tiny_qwen2_dir(tie_word_embeddings=True)
+    assert "lm_head.weight" not in SafetensorsCheckpoint(src)
+    dst = _rewrite(src, str(tmp_path / "ckpt"),
+                   lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+    np.testing.assert_array_equal(_logits(load_hf(dst), IDS), _logits(load_hf(src), IDS))
+
+
+def test_bad_directories_are_named(tiny_qwen2_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf(str(tmp_path))
+    src, _ = tiny_qwen2_dir()
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.load(open(os.path.join(src, "config.json")))
+    json.dump({**config, "model_type": "llama"}, open(other / "config.json", "w"))
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        load_hf(str(other))
+    json.dump(config, open(other / "config.json", "w"))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_hf(str(other))
+    (other / "model.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_hf(str(other))

@@ -1,0 +1,128 @@
+"""LoRA: merge/unmerge, PEFT export loaded by peft, optimizer touches only adapters."""
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+from distill_jax.convert import load_hf
+from distill_jax.models import lora
+from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+
+def _randomize_adapters(model, seed=0):
+    """Non-zero B (PEFT and we both init B to zero, which would hide a wrong export)."""
+    key = jax.random.key(seed)
+    for _, linear in lora.lora_layers(model):
+        key, sub = jax.random.split(key)
+        linear.lora.lora_b[...] = 0.05 * jax.random.normal(sub, linear.lora.lora_b[...].shape)
+
+
+def _inputs(vocab, seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (2, 8))
+    mask = np.ones((2, 8), np.int64)
+    mask[1, :2] = 0
+    return ids, mask
+
+
+def test_targets_and_fresh_adapter_is_identity():
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    ids, mask = _inputs(256)
+    before = np.asarray(model(input_ids=ids, attention_mask=mask))
+    lora.apply_lora(model, lora.LoraConfig(rank=4, target_modules=("q", "v", "down")), rngs=nnx.Rngs(1))
+    names = sorted(path for path, _ in lora.lora_layers(model))
+    assert names == sorted(f"model.layers.{i}.{m}" for i in range(2)
+                           for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    np.testing.assert_array_equal(np.asarray(model(input_ids=ids, attention_mask=mask)), before)
+    with pytest.raises(ValueError, match="no Linear named"):
+        lora.apply_lora(Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0)),
+                        lora.LoraConfig(target_modules=("nonexistent",)), rngs=nnx.Rngs(1))
+
+
+def test_merged_equals_unmerged():
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    _randomize_adapters(model)
+    ids, mask = _inputs(256)
+    kernel_before = np.asarray(model.model.layers[0].mlp.up_proj.kernel[...])
+    unmerged = np.asarray(model(input_ids=ids, attention_mask=mask))
+    lora.merge_lora(model)
+    merged = np.asarray(model(input_ids=ids, attention_mask=mask))
+    lora.unmerge_lora(model)
+    again = np.asarray(model(input_ids=ids, attention_mask=mask))
+    assert np.abs(merged - unmerged).max() <= 1e-5
+    assert np.abs(again - unmerged).max() <= 1e-5
+    np.testing.assert_allclose(model.model.layers[0].mlp.up_proj.kernel[...], kernel_before, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_peft_loads_in_peft_with_our_logits(tiny_qwen2_dir, tmp_path, tie):
+    import peft
+
+    path, hf = tiny_qwen2_dir(tie_word_embeddings=tie)
+    model = load_hf(path)
+    lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=16.0), rngs=nnx.Rngs(1))
+    _randomize_adapters(model)
+    ids, mask = _inputs(128)
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask))
+    out = lora.export_peft(model, str(tmp_path / "adapter"), base_model_name_or_path=path)
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 4
+    peft_model = peft.PeftModel.from_pretrained(hf, out).eval()
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         position_ids=torch.tensor(positions)).logits.numpy()
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            base_ref = base(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                            position_ids=torch.tensor(positions)).logits.numpy()
+    valid = mask.astype(bool)
+    assert np.abs(ours - ref)[valid].max() <= 1e-4
+    assert np.abs(ours - base_ref)[valid].max() > 1e-3  # the adapters really change the output
+    peft_model.unload()
+
+
+def test_optimizer_step_changes_only_lora_parameters():
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoraConfig(rank=4), rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+    ids, mask = _inputs(256)
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    lora_before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+
+    def loss_fn(model):
+        logits = model(input_ids=ids, attention_mask=mask)
+        return -jax.nn.log_softmax(logits)[..., 3].mean()
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    step(model, optimizer)
+    frozen_after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    lora_after = nnx.state(model, nnx.LoRAParam)
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
+        np.testing.assert_array_equal(a, b)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(lora_before), jax.tree.leaves(lora_after))]
+    assert all(changed) and len(changed) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+
+
+def test_lora_dropout_only_in_training():
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoraConfig(rank=4, dropout=0.5), rngs=nnx.Rngs(1))
+    _randomize_adapters(model)
+    ids, _ = _inputs(256)
+    model.eval()
+    a, b = np.asarray(model(input_ids=ids)), np.asarray(model(input_ids=ids))
+    np.testing.assert_array_equal(a, b)
+    model.train()
+    c = np.asarray(model(input_ids=ids))
+    assert np.abs(c - a).max() > 1e-4
