@@ -1,0 +1,68 @@
+"""Shared helpers for benchmarks: timing, the machine description, the results log."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
+
+
+def time_steps(step, *, warmup: int, steps: int) -> list[float]:
+    """Wall-clock seconds of each of `steps` calls of `step()` after `warmup` calls.
+
+    `step` must block until its work is done (block_until_ready / torch sync).
+    """
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(times: list[float]) -> float:
+    return 1000.0 * statistics.median(times)
+
+
+def machine() -> dict:
+    import jax
+
+    devices = jax.devices()
+    return {
+        "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "jax_backend": devices[0].platform, "jax_devices": len(devices),
+        "device_kind": devices[0].device_kind,
+    }
+
+
+def versions(*modules: str) -> dict:
+    import importlib
+
+    out = {}
+    for name in modules:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def append_result(record: dict) -> None:
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = " | ".join(str(h).ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
