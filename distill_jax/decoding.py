@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill_jax.models.qwen2 import init_cache
 
 
 def _check_left_padded(attention_mask) -> None:
@@ -48,7 +47,7 @@ def score_choices(model: nnx.Module, batch: dict, choice_token_ids) -> jax.Array
 def _generate(graphdef, state, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
     model = nnx.merge(graphdef, state)
     batch, length = input_ids.shape
-    cache = init_cache(model.config, batch, length + max_new_tokens)
+    cache = model.init_cache(batch, length + max_new_tokens)
     logits, cache = model.forward_cached(cache, input_ids, attention_mask)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)

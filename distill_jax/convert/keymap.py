@@ -56,7 +56,7 @@ class KeyMap:
       (e.g. a conv kernel transform) override the defaults.
     """
 
-    prefixes: Sequence[tuple[str, Sequence[str]]] = ((("", ("",)),))
+    prefixes: Sequence[tuple[str, Sequence[str]]] = (("", ("",)),)
     ignore: Sequence[str] = ()
     leaves: dict[str, tuple[str, Transform]] = field(default_factory=lambda: dict(LEAVES))
     overrides: dict[str, tuple[str, Transform]] = field(default_factory=dict)  # full-path regex rules

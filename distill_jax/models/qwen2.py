@@ -279,6 +279,10 @@ class Qwen2ForCausalLM(nnx.Module):
                                    cache=cache)
         return self.logits(hidden), cache
 
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """An empty KV cache for `forward_cached` (what `decoding.generate` asks every family for)."""
+        return init_cache(self.config, batch_size, max_length)
+
     def lm_head_kernel(self) -> jax.Array:
         """The [D, V] output projection (the embedding table transposed when tied)."""
         if self.lm_head is None:
@@ -287,11 +291,10 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """Logits over the vocabulary, or over `token_ids` only (e.g. the letters A-J)."""
-        kernel = self.lm_head_kernel()
         if token_ids is not None:
-            kernel = jnp.take(kernel, token_ids, axis=1)
             if self.lm_head is not None and self.lm_head.lora is not None and not self.lm_head.lora.merged:
-                raise NotImplementedError("choice logits through a LoRA'd lm_head")
+                raise NotImplementedError("choice logits through an lm_head with an unmerged LoRA adapter")
+            kernel = jnp.take(self.lm_head_kernel(), token_ids, axis=1)
             return hidden @ kernel.astype(hidden.dtype)
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(hidden)
