@@ -1,4 +1,5 @@
 """LoRA: merge/unmerge, PEFT export loaded by peft, optimizer touches only adapters."""
+import copy
 import json
 import os
 
@@ -73,7 +74,7 @@ def test_export_peft_loads_in_peft_with_our_logits(tiny_qwen2_dir, tmp_path, tie
     out = lora.export_peft(model, str(tmp_path / "adapter"), base_model_name_or_path=path)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 4
-    peft_model = peft.PeftModel.from_pretrained(hf, out).eval()
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
     positions = np.maximum(mask.cumsum(1) - 1, 0)
     with torch.no_grad():
         ref = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -85,7 +86,6 @@ def test_export_peft_loads_in_peft_with_our_logits(tiny_qwen2_dir, tmp_path, tie
     valid = mask.astype(bool)
     assert np.abs(ours - ref)[valid].max() <= 1e-4
     assert np.abs(ours - base_ref)[valid].max() > 1e-3  # the adapters really change the output
-    peft_model.unload()
 
 
 def test_optimizer_step_changes_only_lora_parameters():
@@ -126,3 +126,27 @@ def test_lora_dropout_only_in_training():
     model.train()
     c = np.asarray(model(input_ids=ids))
     assert np.abs(c - a).max() > 1e-4
+
+
+def test_export_peft_of_adapters_under_a_prefix(tiny_qwen2_dir, tmp_path):
+    """`under` restricts adapters to a sub-tree; PEFT must attach them to exactly those modules."""
+    import peft
+
+    path, hf = tiny_qwen2_dir(seed=5)
+    model = load_hf(path)
+    lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0, target_modules=("q", "up"), under="model.layers.1"),
+                    rngs=nnx.Rngs(1))
+    assert sorted(p for p, _ in lora.lora_layers(model)) == ["model.layers.1.mlp.up_proj",
+                                                             "model.layers.1.self_attn.q_proj"]
+    _randomize_adapters(model, seed=2)
+    out = lora.export_peft(model, str(tmp_path / "adapter"))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
+    wrapped = sorted(name for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    assert wrapped == ["base_model.model.model.layers.1.mlp.up_proj", "base_model.model.model.layers.1.self_attn.q_proj"]
+    ids, mask = _inputs(128)
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         position_ids=torch.tensor(positions)).logits.numpy()
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask))
+    assert np.abs(ours - ref)[mask.astype(bool)].max() <= 1e-4
