@@ -4,7 +4,9 @@ A tiny random Qwen2 decoder, sharded over every local device, gets LoRA
 adapters and is trained for a few hundred steps on a synthetic 10-way
 multiple-choice task (the prompt hides one of ten key tokens; the answer is its
 letter). It prints letter accuracy (via `score_choices`) before and after, as
-measured, and exports the adapter in PEFT format.
+measured, and exports the adapter in PEFT format. The loss levels off near 1.2
+even at full accuracy: the frozen random LM head of the tiny model bounds how far
+apart LoRA can push the ten letter logits.
 
     python -m distill_jax.smoke --workdir=workdir/smoke
 """
