@@ -55,13 +55,16 @@ class Linear(nnx.Module):
         self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
+        # One 2-D matmul over all leading dims: the weight gradients then contract a single
+        # dimension, which XLA:CPU runs ~3x faster than a contraction over [batch, length].
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).astype(self.dtype)
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None and not self.lora.merged:
             y = y + self.lora(x).astype(self.dtype)
-        return y
+        return y.reshape(*lead, self.out_features)
 
 
 class Embed(nnx.Module):
