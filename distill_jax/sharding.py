@@ -34,6 +34,10 @@ LOGICAL_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "norm": None,
     "lora_rank": None,
+    "positions": None,  # learned position tables (audio tower)
+    "conv_width": None,
+    "conv_in": None,  # conv input channels (mel bins, or d_model when the output is d_model too)
+    "audio_embed": None,  # the audio tower's width where the other dim is already "embed"
 }
 
 

@@ -68,3 +68,27 @@ def tiny_qwen2_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_audio_dir(tmp_path_factory):
+    """A tiny random HF Qwen2AudioForConditionalGeneration (128 mel bins, full 1500 positions) -> (dir, model)."""
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("qwen2_audio")
+    config = transformers.Qwen2AudioConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                          d_model=32, max_source_positions=1500),
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        audio_token_index=290)
+    torch.manual_seed(0)
+    model = transformers.Qwen2AudioForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF zero-inits biases and unit-inits norms; random ones make parity see them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return str(path), model

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, load_state
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
-from distill_jax.models import qwen2
+from distill_jax.models import qwen2, qwen2_audio
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,27 @@ def _qwen2_key_map(config: qwen2.Qwen2Config) -> KeyMap:
     return KeyMap(prefixes=(("", ("",)),), ignore=tuple(ignore))
 
 
+def _qwen2_audio_key_map(config: qwen2_audio.Qwen2AudioConfig) -> KeyMap:
+    # Checkpoints use our names; the transformers-5 module tree nests the LM under `model.`.
+    return KeyMap(
+        prefixes=(("", ("",)),), ignore=(r"\.rotary_emb\.inv_freq$",),
+        peft_prefixes=(("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+                       ("audio_tower.", "model.audio_tower."),
+                       ("multi_modal_projector.", "model.multi_modal_projector.")))
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2": Family(
         config_from_hf=lambda d, dtype: qwen2.Qwen2Config.from_hf(
             d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
         model_cls=qwen2.Qwen2ForCausalLM,
         key_map=_qwen2_key_map,
+    ),
+    "qwen2_audio": Family(
+        config_from_hf=lambda d, dtype: qwen2_audio.Qwen2AudioConfig.from_hf(
+            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        model_cls=qwen2_audio.Qwen2AudioForConditionalGeneration,
+        key_map=_qwen2_audio_key_map,
     ),
 }
 

@@ -60,6 +60,9 @@ class KeyMap:
     ignore: Sequence[str] = ()
     leaves: dict[str, tuple[str, Transform]] = field(default_factory=lambda: dict(LEAVES))
     overrides: dict[str, tuple[str, Transform]] = field(default_factory=dict)  # full-path regex rules
+    # Module names of the transformers model object (what PEFT wraps), where they differ from
+    # the checkpoint keys (transformers 5 nests e.g. Qwen2-Audio's LM as `model.language_model`).
+    peft_prefixes: Sequence[tuple[str, str]] | None = None
 
     def hf_modules(self, module_path: str) -> list[str]:
         """Checkpoint module names that our module `module_path` may have."""
@@ -67,6 +70,15 @@ class KeyMap:
             if module_path.startswith(ours):
                 return [t + module_path[len(ours):] for t in theirs]
         raise KeyError(f"{module_path}: no prefix rule in the key map")
+
+    def peft_module(self, module_path: str) -> str:
+        """The transformers module name of our module `module_path` (for PEFT adapters)."""
+        if self.peft_prefixes is None:
+            return self.hf_modules(module_path)[0]
+        for ours, theirs in self.peft_prefixes:
+            if module_path.startswith(ours):
+                return theirs + module_path[len(ours):]
+        raise KeyError(f"{module_path}: no PEFT module rule in the key map")
 
     def candidates(self, path: str) -> tuple[list[str], Transform]:
         """Checkpoint keys that may hold our parameter `path`, and its transform."""

@@ -68,13 +68,13 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [vocab, embed] (= torch.nn.Embedding)."""
+    """Embedding table [num, features] (= torch.nn.Embedding): tokens, or learned positions."""
 
     def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, axes: tuple[str, str] = ("vocab", "embed"), rngs: nnx.Rngs):
         self.dtype = dtype
         self.embedding = param(nnx.initializers.normal(0.02), rngs.params(),
-                               (num_embeddings, features), param_dtype, ("vocab", "embed"))
+                               (num_embeddings, features), param_dtype, axes)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
@@ -82,3 +82,21 @@ class Embed(nnx.Module):
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Logits against the table (tied LM head)."""
         return hidden.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+
+
+class Conv1d(nnx.Module):
+    """= torch.nn.Conv1d on [B, T, C] inputs (channels last); kernel [width, in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, kernel_size: int, stride: int = 1,
+                 padding: int = 0, axes: tuple[str, str, str], dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.stride, self.padding, self.dtype = stride, padding, dtype
+        self.kernel = param(nnx.initializers.lecun_normal(), rngs.params(),
+                            (kernel_size, in_features, out_features), param_dtype, axes)
+        self.bias = param(nnx.initializers.zeros, rngs.params(), (out_features,), param_dtype, axes[2:])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.stride,),
+            padding=[(self.padding, self.padding)], dimension_numbers=("NWC", "WIO", "NWC"))
+        return y + self.bias[...].astype(self.dtype)

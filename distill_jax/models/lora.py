@@ -30,7 +30,8 @@ class LoraConfig:
     """rank r, alpha (scaling alpha/r), dropout on the adapter input, which Linears get one.
 
     target_modules: attribute names (short forms q,k,v,o,gate,up,down accepted).
-    under: only modules whose path starts with this prefix (e.g. "language_model").
+    under: only modules whose path starts with this prefix; "" = the model's `lora_scope`
+      (Qwen2-Audio's is "language_model", so its audio tower stays frozen).
     """
 
     rank: int = 16
@@ -91,20 +92,26 @@ def lora_layers(model: nnx.Module):
 
 def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Attach adapters in place to the target Linears of `model`; returns `model`."""
+    under = lora_scope(model, config)
     found = []
     for path, module in list(nnx.iter_modules(model)):
         name = ".".join(str(p) for p in path)
         if isinstance(module, Linear) and path and path[-1] in config.target_modules \
-                and name.startswith(config.under):
+                and name.startswith(under):
             if module.lora is not None:
                 raise ValueError(f"{name} already has a LoRA adapter")
             module.lora = LoRA(module, config, rngs=rngs)
             found.append(name)
     if not found:
-        raise ValueError(f"no Linear named one of {config.target_modules} under {config.under!r} in "
+        raise ValueError(f"no Linear named one of {config.target_modules} under {under!r} in "
                          f"{type(model).__name__}")
     model.lora_config = config
     return model
+
+
+def lora_scope(model: nnx.Module, config: LoraConfig) -> str:
+    """The module prefix adapters go under: the config's, else the model's own (`lora_scope`)."""
+    return config.under or getattr(model, "lora_scope", "")
 
 
 def merge_lora(model: nnx.Module) -> None:
@@ -141,19 +148,19 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
     for path, linear in lora_layers(model):
         if linear.lora.merged:
             raise ValueError(f"{path}: unmerge LoRA before exporting the adapter")
-        hf_module = key_map.hf_modules(path)[0]
+        hf_module = key_map.peft_module(path)
         module_names.append(hf_module)
         prefix = f"base_model.model.{hf_module}"
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(
             np.asarray(jax.device_get(linear.lora.lora_a[...]), np.float32).T)
         tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
             np.asarray(jax.device_get(linear.lora.lora_b[...]), np.float32).T)
-    targets = sorted({name.rpartition(".")[2] for name in module_names})
-    if config.under:
-        hf_under = key_map.hf_modules(config.under)[0]
-        target_modules = rf"^{re.escape(hf_under)}\..*\.({'|'.join(targets)})$"
+    if lora_scope(model, config):
+        # A regex PEFT full-matches against module names: our modules with layer indices generalised.
+        patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in module_names})
+        target_modules = "^(?:" + "|".join(patterns) + ")$"
     else:
-        target_modules = targets
+        target_modules = sorted({name.rpartition(".")[2] for name in module_names})
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,

@@ -1,0 +1,195 @@
+"""Multiple-choice prompts for the audio and visual teachers, and their token ids.
+
+Both Qwen2-Audio-7B-Instruct and Qwen2-VL-7B-Instruct use the ChatML layout
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n
+
+and differ only in how the media placeholder is written into the user turn. `chatml_prompt`
+renders the layout; `qwen2_audio_prompt` supplies the audio placeholder (already expanded to
+one `<|AUDIO|>` per audio-encoder output frame, as `Qwen2AudioProcessor` expands it; the count
+is `data_pipelines.audio.num_audio_tokens` of the clip's real mel frames). A Qwen2-VL
+prompt is the same with `<|vision_start|><|video_pad|>...<|vision_end|>` as the media part.
+
+The answer is one letter; it is scored by the logits of the letter tokens at the last position
+of the prompt (`letter_token_ids`), so batches are padded on the left (`left_pad`).
+
+Pure Python + a Hugging Face tokenizer object; no JAX here.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_QUESTION = (
+    "Classify the sounding object into one of the categories below:\n{options}\nAnswer with the letter only."
+)
+LETTERS = "ABCDEFGHIJ"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# Qwen2-Audio special tokens (Qwen2AudioProcessor's defaults).
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_EOS = "<|audio_eos|>"
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Question text
+# ---------------------------------------------------------------------------------------------
+
+def format_question(options: Sequence[str], question_template: str = DEFAULT_QUESTION) -> str:
+    """The question with `options` rendered as lines "A. dog barking", "B. ...", ...
+
+    `question_template` is a format string with one `{options}` field (the option lines joined
+    by newlines). 2 to 10 distinct, non-empty options.
+    """
+    if isinstance(options, str):
+        raise TypeError("options must be a sequence of option names, not a single string")
+    options = list(options)
+    if len(options) < 2:
+        raise ValueError(f"need at least 2 options, got {len(options)}")
+    if len(options) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} options (letters {LETTERS}), got {len(options)}")
+    for i, name in enumerate(options):
+        if not isinstance(name, str):
+            raise TypeError(f"option {i} is {type(name).__name__}, not str: {name!r}")
+        if not name.strip():
+            raise ValueError(f"option {i} ({LETTERS[i]}) is empty")
+        if "\n" in name:
+            raise ValueError(f"option {i} ({LETTERS[i]}) contains a newline: {name!r}")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(options):
+        if name in seen:
+            raise ValueError(f"duplicate option {name!r} at positions {seen[name]} and {i}")
+        seen[name] = i
+    if "{options}" not in question_template:
+        raise ValueError(f"question_template must contain '{{options}}': {question_template!r}")
+    lines = "\n".join(f"{letter}. {name}" for letter, name in zip(LETTERS, options))
+    try:
+        return question_template.format(options=lines)
+    except (KeyError, IndexError) as e:
+        raise ValueError(
+            f"question_template has a format field other than {{options}} ({e}); "
+            f"write literal braces as {{{{ }}}}: {question_template!r}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat prompts
+# ---------------------------------------------------------------------------------------------
+
+def chatml_prompt(user: str, *, system: str | None = DEFAULT_SYSTEM) -> str:
+    """One ChatML user turn followed by the assistant header (add_generation_prompt=True).
+
+    `system=None` leaves out the system turn. (The Qwen2-Audio / Qwen2-VL templates always
+    write one: their default is `DEFAULT_SYSTEM`; None is for models whose template doesn't.)
+    """
+    head = "" if system is None else f"{IM_START}system\n{system}{IM_END}\n"
+    return f"{head}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+
+
+def qwen2_audio_prompt(question: str, *, num_audio_tokens: int, system: str | None = DEFAULT_SYSTEM) -> str:
+    """The text Qwen2-Audio-Instruct's chat template renders for one user turn holding one audio
+    and then `question`, with add_generation_prompt=True and `<|AUDIO|>` expanded to
+    `num_audio_tokens` copies (as Qwen2AudioProcessor expands it).
+
+    A non-None `system` is what a leading {"role": "system", "content": system} message renders;
+    the template's default system turn is `DEFAULT_SYSTEM`.
+    """
+    num_audio_tokens = int(num_audio_tokens)
+    if num_audio_tokens < 1:
+        raise ValueError(f"num_audio_tokens must be >= 1, got {num_audio_tokens}")
+    audio = f"Audio 1: {AUDIO_BOS}{AUDIO_TOKEN * num_audio_tokens}{AUDIO_EOS}\n"
+    return chatml_prompt(audio + question, system=system)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids
+# ---------------------------------------------------------------------------------------------
+
+def _single_token_id(tokenizer, token: str) -> int:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"tokenizer does not know {token!r} as one token: it encodes to {ids}")
+    return ids[0]
+
+
+def encode_prompt(tokenizer, text: str, *, expect: dict[str, int] | None = None) -> list[int]:
+    """Token ids of a rendered prompt (no BOS/EOS added), as a processor tokenizes it.
+
+    `expect` maps a special token to how many times it must occur in the ids: a tokenizer that
+    does not have the token as one special token would otherwise split it silently.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for token, count in (expect or {}).items():
+        tid = _single_token_id(tokenizer, token)
+        if (got := ids.count(tid)) != count:
+            raise ValueError(f"expected {count} {token} tokens in the prompt ids, found {got}")
+    return ids
+
+
+def encode_qwen2_audio(tokenizer, question: str, num_audio_tokens: int, **kw) -> list[int]:
+    """Token ids of `qwen2_audio_prompt(question, num_audio_tokens=..., **kw)`."""
+    text = qwen2_audio_prompt(question, num_audio_tokens=num_audio_tokens, **kw)
+    return encode_prompt(tokenizer, text, expect={AUDIO_TOKEN: int(num_audio_tokens)})
+
+
+def letter_token_ids(tokenizer, letters: Sequence[str] | str = LETTERS) -> list[int]:
+    """The id of each answer letter as the first answer token (right after "assistant\\n", so
+    without a leading space). Raises ValueError if a letter is not exactly one token."""
+    ids = []
+    for letter in letters:
+        ids.append(_single_token_id(tokenizer, letter))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"letters {list(letters)} map to non-distinct token ids {ids}")
+    return ids
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token id lists to `length` (default: the longest), so the last position of every
+    row is its sequence's last token. Returns (input_ids, attention_mask), both int32 [B, T]."""
+    sequences = [list(s) for s in sequences]
+    if not sequences:
+        raise ValueError("left_pad needs at least one sequence")
+    lengths = [len(s) for s in sequences]
+    if min(lengths) == 0:
+        raise ValueError(f"sequence {lengths.index(0)} is empty")
+    longest = max(lengths)
+    if length is None:
+        length = longest
+    elif longest > length:
+        i = lengths.index(longest)
+        raise ValueError(f"sequence {i} has {longest} tokens, longer than length={length}")
+    input_ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((len(sequences), length), dtype=np.int32)
+    for i, s in enumerate(sequences):
+        input_ids[i, length - len(s):] = s
+        attention_mask[i, length - len(s):] = 1
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tiktoken.model")
+
+
+def load_tokenizer(path):
+    """`transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)` for a local
+    model or tokenizer directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (or is not a directory)")
+    present = sorted(os.listdir(path))
+    if not any(name in present for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files in {path!r} (looked for {', '.join(_TOKENIZER_FILES)}; "
+            f"found {present[:20]}{' ...' if len(present) > 20 else ''})")
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
