@@ -38,6 +38,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "conv_width": None,
     "conv_in": None,  # conv input channels (mel bins, or d_model when the output is d_model too)
     "audio_embed": None,  # the audio tower's width where the other dim is already "embed"
+    "vision_merge": None,  # the vision merger's input (4 patches' features stacked)
 }
 
 

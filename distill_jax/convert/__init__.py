@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, load_state
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
-from distill_jax.models import qwen2, qwen2_audio
+from distill_jax.models import qwen2, qwen2_audio, qwen2_vl
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,26 @@ def _qwen2_audio_key_map(config: qwen2_audio.Qwen2AudioConfig) -> KeyMap:
                        ("multi_modal_projector.", "model.multi_modal_projector.")))
 
 
+def _conv3d_as_matmul(x):
+    """Conv3d weight [out, C, T, P, P] -> matmul kernel [C*T*P*P, out] (patches are flattened C, T, P, P)."""
+    return x.reshape(x.shape[0], -1).T
+
+
+def _qwen2_vl_key_map(config: qwen2_vl.Qwen2VLConfig) -> KeyMap:
+    ignore = [r"\.rotary_emb\.inv_freq$"]
+    if config.text.tie_word_embeddings:
+        ignore.append(r"^lm_head\.weight$")
+    return KeyMap(
+        # hub checkpoints: visual.*, model.*, lm_head.*; transformers 5: model.visual.*, model.language_model.*
+        prefixes=(("visual.", ("visual.", "model.visual.")),
+                  ("language_model.model.", ("model.", "model.language_model.")),
+                  ("language_model.lm_head", ("lm_head",))),
+        ignore=tuple(ignore),
+        transforms={r"visual\.patch_embed\.proj\.kernel": _conv3d_as_matmul},
+        peft_prefixes=(("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+                       ("visual.", "model.visual.")))
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2": Family(
         config_from_hf=lambda d, dtype: qwen2.Qwen2Config.from_hf(
@@ -57,6 +77,12 @@ FAMILIES: dict[str, Family] = {
             d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
         model_cls=qwen2_audio.Qwen2AudioForConditionalGeneration,
         key_map=_qwen2_audio_key_map,
+    ),
+    "qwen2_vl": Family(
+        config_from_hf=lambda d, dtype: qwen2_vl.Qwen2VLConfig.from_hf(
+            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        model_cls=qwen2_vl.Qwen2VLForConditionalGeneration,
+        key_map=_qwen2_vl_key_map,
     ),
 }
 

@@ -52,14 +52,14 @@ class KeyMap:
     prefixes: (our prefix, [checkpoint prefixes]) tried in order; the first whose
       key exists is used (e.g. Qwen2-VL's `model.` vs `model.language_model.` naming).
     ignore: regexes of checkpoint keys that are known to carry nothing we need.
-    leaves: our leaf name -> (checkpoint leaf name, transform); extra per-family entries
-      (e.g. a conv kernel transform) override the defaults.
+    leaves: our leaf name -> (checkpoint leaf name, transform).
+    transforms: per-parameter transform overrides (e.g. a Conv3d weight that we store as a matmul kernel).
     """
 
     prefixes: Sequence[tuple[str, Sequence[str]]] = (("", ("",)),)
     ignore: Sequence[str] = ()
     leaves: dict[str, tuple[str, Transform]] = field(default_factory=lambda: dict(LEAVES))
-    overrides: dict[str, tuple[str, Transform]] = field(default_factory=dict)  # full-path regex rules
+    transforms: dict[str, Transform] = field(default_factory=dict)  # our-path regex -> transform override
     # Module names of the transformers model object (what PEFT wraps), where they differ from
     # the checkpoint keys (transformers 5 nests e.g. Qwen2-Audio's LM as `model.language_model`).
     peft_prefixes: Sequence[tuple[str, str]] | None = None
@@ -82,13 +82,11 @@ class KeyMap:
 
     def candidates(self, path: str) -> tuple[list[str], Transform]:
         """Checkpoint keys that may hold our parameter `path`, and its transform."""
-        for pattern, (template, fn) in self.overrides.items():
-            if re.fullmatch(pattern, path):
-                return [re.sub(pattern, template, path)], fn
         module, _, leaf = path.rpartition(".")
         if leaf not in self.leaves:
             raise KeyError(f"{path}: no key-map rule for leaf {leaf!r}")
         hf_leaf, fn = self.leaves[leaf]
+        fn = next((t for pattern, t in self.transforms.items() if re.fullmatch(pattern, path)), fn)
         return [f"{m}.{hf_leaf}" for m in self.hf_modules(module)], fn
 
     def ignored(self, key: str) -> bool:

@@ -67,9 +67,14 @@ class Qwen2Config:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides) -> "Qwen2Config":
-        """From a Hugging Face config dict (a `config.json` or a `text_config`), HF defaults filled in."""
-        d = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k in ("head_dim",)}}
+    def from_hf(cls, hf: dict[str, Any], *, defaults: dict[str, Any] | None = None, **overrides) -> "Qwen2Config":
+        """From a Hugging Face config dict (a `config.json` or a `text_config`), HF defaults filled in.
+
+        `defaults` replaces Qwen2Config's defaults where a family's text config has others
+        (Qwen2VLTextConfig's differ).
+        """
+        d = {**_HF_DEFAULTS, **(defaults or {}),
+             **{k: v for k, v in hf.items() if v is not None or k in ("head_dim",)}}
         if d.get("hidden_act") != "silu":
             raise ValueError(f"Qwen2 hidden_act must be 'silu', got {d.get('hidden_act')!r}")
         if d.get("use_sliding_window"):
