@@ -8,7 +8,8 @@ and differ only in how the media placeholder is written into the user turn. `cha
 renders the layout; `qwen2_audio_prompt` supplies the audio placeholder (already expanded to
 one `<|AUDIO|>` per audio-encoder output frame, as `Qwen2AudioProcessor` expands it; the count
 is `data_pipelines.audio.num_audio_tokens` of the clip's real mel frames). A Qwen2-VL
-prompt is the same with `<|vision_start|><|video_pad|>...<|vision_end|>` as the media part.
+prompt (`qwen2_vl_prompt`) has `<|vision_start|><|video_pad|>...<|vision_end|>` as the media part
+(t*h*w / 4 pad tokens for a (t, h, w) grid: `data_pipelines.vision.num_vision_tokens`).
 
 The answer is one letter; it is scored by the logits of the letter tokens at the last position
 of the prompt (`letter_token_ids`), so batches are padded on the left (`left_pad`).
@@ -32,6 +33,12 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 AUDIO_BOS = "<|audio_bos|>"
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_EOS = "<|audio_eos|>"
+
+# Qwen2-VL special tokens (Qwen2VLProcessor's defaults).
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -106,6 +113,21 @@ def qwen2_audio_prompt(question: str, *, num_audio_tokens: int, system: str | No
     return chatml_prompt(audio + question, system=system)
 
 
+def qwen2_vl_prompt(question: str, *, num_vision_tokens: int, kind: str = "video",
+                    system: str | None = DEFAULT_SYSTEM) -> str:
+    """The text Qwen2-VL-Instruct's chat template renders for one user turn holding one video (or
+    image) and then `question`, with add_generation_prompt=True and the pad token expanded to
+    `num_vision_tokens` copies (= t*h*w / 4 of the item's grid, as Qwen2VLProcessor expands it).
+    """
+    num_vision_tokens = int(num_vision_tokens)
+    if num_vision_tokens < 1:
+        raise ValueError(f"num_vision_tokens must be >= 1, got {num_vision_tokens}")
+    if kind not in ("video", "image"):
+        raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    pad = VIDEO_TOKEN if kind == "video" else IMAGE_TOKEN
+    return chatml_prompt(f"{VISION_START}{pad * num_vision_tokens}{VISION_END}{question}", system=system)
+
+
 # ---------------------------------------------------------------------------------------------
 # Token ids
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +157,13 @@ def encode_qwen2_audio(tokenizer, question: str, num_audio_tokens: int, **kw) ->
     """Token ids of `qwen2_audio_prompt(question, num_audio_tokens=..., **kw)`."""
     text = qwen2_audio_prompt(question, num_audio_tokens=num_audio_tokens, **kw)
     return encode_prompt(tokenizer, text, expect={AUDIO_TOKEN: int(num_audio_tokens)})
+
+
+def encode_qwen2_vl(tokenizer, question: str, num_vision_tokens: int, kind: str = "video", **kw) -> list[int]:
+    """Token ids of `qwen2_vl_prompt(question, num_vision_tokens=..., kind=..., **kw)`."""
+    text = qwen2_vl_prompt(question, num_vision_tokens=num_vision_tokens, kind=kind, **kw)
+    pad = VIDEO_TOKEN if kind == "video" else IMAGE_TOKEN
+    return encode_prompt(tokenizer, text, expect={pad: int(num_vision_tokens)})
 
 
 def letter_token_ids(tokenizer, letters: Sequence[str] | str = LETTERS) -> list[int]:

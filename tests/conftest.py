@@ -92,3 +92,27 @@ def tiny_qwen2_audio_dir(tmp_path_factory):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return str(path), model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """A tiny random HF Qwen2VLForConditionalGeneration (image 290, video 291, vision start/end 292/293)."""
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("qwen2_vl")
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2),
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3]}),
+        image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random biases and norm scales, so parity sees them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return str(path), model

@@ -1,0 +1,121 @@
+"""Our Qwen2-VL (through the production converter) vs Hugging Face's, in float32."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from data_pipelines.vision import num_vision_tokens, preprocess_image, preprocess_video
+from distill_jax.convert import load_hf
+from distill_jax.models import lora
+from distill_jax.models.qwen2_vl import mrope_positions
+
+IMAGE, VIDEO, START, END = 290, 291, 292, 293
+
+
+def _frames(rng, count, height=60, width=90):
+    return rng.randint(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def _left_pad(rows):
+    length = max(map(len, rows))
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def _media_run(token, grid):
+    return [START] + [token] * num_vision_tokens(grid) + [END]
+
+
+def _hf_logits(hf, ids, mask, **media):
+    mm = np.where(ids == IMAGE, 1, np.where(ids == VIDEO, 2, 0))
+    kwargs = {k: torch.tensor(v) for k, v in media.items() if v is not None}
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  mm_token_type_ids=torch.tensor(mm), **kwargs).logits.numpy()
+
+
+def _inputs(case, seed=0):
+    rng = np.random.RandomState(seed)
+    if case == "image":
+        pixels, grid = preprocess_image(_frames(rng, 1)[0])
+        ids, mask = _left_pad([[5, 6] + _media_run(IMAGE, grid) + [7, 8]])
+        return ids, mask, dict(pixel_values=pixels, image_grid_thw=np.array([grid]))
+    pixels, grid = preprocess_video(_frames(rng, 4))  # 4 frames -> t = 2
+    rows = [[5, 6] + _media_run(VIDEO, grid) + [7, 8, 9]]
+    if case == "video+text":
+        rows.append([10, 11, 12, 13, 14])  # a text-only row, left-padded
+    ids, mask = _left_pad(rows)
+    return ids, mask, dict(pixel_values_videos=pixels, video_grid_thw=np.array([grid]))
+
+
+@pytest.mark.parametrize("case", ["image", "video", "video+text"])
+def test_logits_match_hf(tiny_qwen2_vl_dir, case):
+    path, hf = tiny_qwen2_vl_dir
+    model = load_hf(path)
+    ids, mask, media = _inputs(case)
+    ref = _hf_logits(hf, ids, mask, **media)
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, **media))
+    valid = mask.astype(bool)
+    assert np.abs(ours - ref)[valid].max() <= 1e-4
+    assert np.abs(ref).max() > 0.1
+
+
+def test_rope_index_matches_hf_with_several_items_and_padding(tiny_qwen2_vl_dir):
+    path, hf = tiny_qwen2_vl_dir
+    model = load_hf(path)
+    image_grids = [(1, 4, 6), (1, 6, 4), (1, 2, 2)]
+    video_grids = [(2, 4, 6)]
+    rows = [
+        [1, 2] + _media_run(IMAGE, image_grids[0]) + [3] + _media_run(VIDEO, video_grids[0]) + [4, 5],
+        [6] + _media_run(IMAGE, image_grids[1]) + [7, 8] + _media_run(IMAGE, image_grids[2]) + [9],
+        [10, 11, 12],
+    ]
+    ids, mask = _left_pad(rows)
+    mm = np.where(ids == IMAGE, 1, np.where(ids == VIDEO, 2, 0))
+    ref, _ = hf.model.get_rope_index(torch.tensor(ids), torch.tensor(mm), torch.tensor(image_grids),
+                                     torch.tensor(video_grids), torch.tensor(mask))
+    ours = mrope_positions(ids, mask, image_grids, video_grids, model.config)
+    np.testing.assert_array_equal(ours, ref.numpy())
+    assert (ours[1] != ours[2]).any()  # height and width rows really differ
+
+
+def test_transformers5_key_names_load_the_same(tiny_qwen2_vl_dir, tmp_path):
+    path, _ = tiny_qwen2_vl_dir
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+                "model." + k if k.startswith("visual.") else k): v for k, v in tensors.items()}
+    assert any(k.startswith("model.language_model.layers.") for k in renamed)
+    out = tmp_path / "v5"
+    out.mkdir()
+    save_file(renamed, str(out / "model.safetensors"))
+    (out / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    ids, mask, media = _inputs("image")
+    np.testing.assert_array_equal(np.asarray(load_hf(str(out))(input_ids=ids, attention_mask=mask, **media)),
+                                  np.asarray(load_hf(path)(input_ids=ids, attention_mask=mask, **media)))
+
+
+def test_lora_on_language_model_only_and_peft_export(tiny_qwen2_vl_dir, tmp_path):
+    import peft
+
+    path, hf = tiny_qwen2_vl_dir
+    model = load_hf(path)
+    lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
+    names = [p for p, _ in lora.lora_layers(model)]
+    assert len(names) == 14 and all(n.startswith("language_model.model.layers.") for n in names)
+    for i, (_, linear) in enumerate(lora.lora_layers(model)):
+        linear.lora.lora_b[...] = 0.05 * np.random.RandomState(i).randn(*linear.lora.lora_b[...].shape)
+    ids, mask, media = _inputs("video+text")
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, **media))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), lora.export_peft(model, str(tmp_path / "a")))
+    ref = _hf_logits(peft_model.eval(), ids, mask, **media)
+    valid = mask.astype(bool)
+    assert np.abs(ours - ref)[valid].max() <= 1e-4
+    assert np.abs(ours - _hf_logits(hf, ids, mask, **media))[valid].max() > 1e-3
