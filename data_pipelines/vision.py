@@ -71,9 +71,16 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 def resize_and_normalize(frames: np.ndarray, config: VisionPreprocessConfig = VisionPreprocessConfig()
                          ) -> np.ndarray:
-    """[T, H, W, 3] uint8 -> [T, 3, H', W'] float32 (resized by smart_resize, rescaled, normalised)."""
+    """[T, H, W, 3] uint8 -> [T, 3, H', W'] float32 (resized by smart_resize, rescaled, normalised).
+
+    Frames with a side under `config.factor` (28) pixels are an error: Qwen2-VL's own
+    utilities refuse them (transformers 5 would silently upscale a sliver into patches).
+    """
     frames = _check_frames(frames)
     height, width = frames.shape[1:3]
+    if min(height, width) < config.factor:
+        raise ValueError(f"frame of {height}x{width} pixels is smaller than the {config.factor}-pixel minimum "
+                         "side of Qwen2-VL's patches")
     new_h, new_w = smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
     mean = np.asarray(OPENAI_CLIP_MEAN, np.float32)
     std = np.asarray(OPENAI_CLIP_STD, np.float32)

@@ -26,9 +26,9 @@ def _check_left_padded(attention_mask) -> None:
                          "position is not the last one")
 
 
-@nnx.jit
-def _score_choices(model, batch, choice_token_ids):
-    hidden = model.hidden_states(**batch)
+@partial(nnx.jit, static_argnums=3)
+def _score_choices(model, batch, choice_token_ids, static_items):
+    hidden = model.hidden_states(**batch, **dict(static_items))
     return model.logits(hidden[:, -1], choice_token_ids)
 
 
@@ -37,10 +37,14 @@ def score_choices(model: nnx.Module, batch: dict, choice_token_ids) -> jax.Array
 
     `batch` holds the model's inputs (`input_ids`, `attention_mask`, and for the
     multimodal families their feature inputs), left-padded so that the answer
-    position is the last one for every row.
+    position is the last one for every row. A model with `prepare_inputs` (Qwen2-VL)
+    first derives host-side inputs and static values (grids) from the batch; one
+    program is compiled per distinct static value.
     """
     _check_left_padded(batch.get("attention_mask"))
-    return _score_choices(model, batch, jnp.asarray(choice_token_ids, jnp.int32))
+    prepare = getattr(model, "prepare_inputs", None)
+    arrays, static = prepare(batch) if prepare is not None else (batch, {})
+    return _score_choices(model, arrays, jnp.asarray(choice_token_ids, jnp.int32), tuple(sorted(static.items())))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
