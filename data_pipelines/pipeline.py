@@ -1,0 +1,342 @@
+"""Grain input pipelines over clip TFRecords: shard, shuffle, decode, question, transform, batch.
+
+    ds = make_dataset(manifest["splits"]["train"]["paths"], manifest["classes"], transform=t,
+                      padding=t.padding(), config=PipelineConfig(batch_size=64, num_epochs=None))
+    it = iter(ds)                      # a grain DatasetIterator: get_state() / set_state()
+    batch = to_global(next(it), mesh)  # numeric arrays -> global jax.Arrays over the batch axes
+
+Each step is a Grain `MapDataset` transformation (random access, so batch i is a pure function
+of i and the config, whatever the number of worker processes):
+1. **positions**: element i of this host is record `shuffle_e(k * process_count + process_index)`
+   of epoch e = i // per_host, k = i % per_host, where shuffle_e is Grain's `index_shuffle`
+   seeded with seed + e (a different global permutation per epoch, the same on every host).
+   The hosts' slots are disjoint and together cover the epoch. With `drop_remainder` (training)
+   each host takes floor(N / hosts) slots (batches may span two epochs); without it
+   (evaluation) ceil(N / hosts) rounded up to whole local batches, the extra slots repeating
+   real records with `valid = 0`, so every host runs the same number of steps and every clip
+   is counted once.
+2. **decode** (`ReadExample`): the record's CRC is checked, the `tf.train.Example` parsed, the
+   PCM turned into float32 audio in [-1, 1) and the JPEGs into RGB frames; the clip's question
+   (`data_pipelines.questions`) is attached. The example dict holds
+       clip_id (str), label (int), label_name (str), split (str), start_sec (float),
+       valid (int), audio (float32 [samples]), sample_rate (int), frames (uint8 [T, H, W, 3]),
+       fps (float), options (tuple of str), answer (int, index of the true class), question (str)
+   (audio / frames only when `decode_audio` / `decode_frames`).
+3. **transform**: the model's callable `example dict -> model input dict` of NumPy arrays
+   (e.g. `transforms.Qwen2AudioTransform`: log-mel + prompt ids). It must be picklable (a
+   top-level class or function). The pipeline adds valid, label and answer to its output.
+4. **batch** (`PadBatch`): fixed-length arrays are stacked; arrays named in `padding` (a
+   varying first axis, such as `input_ids`) are padded to the smallest of a few bucket lengths
+   that fits the batch, so jit sees a handful of shapes; strings stay NumPy str arrays. With
+   `on_error="skip"` a corrupt record's row becomes an invalid copy of another row.
+5. **prefetch**: `read_threads` threads make batches ahead in each process; `worker_count` > 0
+   makes them in Grain worker processes instead (`mp_prefetch`; workers read absl flags: run
+   under `absl.app.run` or call `flags.FLAGS.mark_as_parsed()`, and keep the program behind
+   `if __name__ == "__main__"`).
+
+Resume: `it.get_state()` / `it.set_state(state)` (JSON-able), or through orbax with
+`save_iterator_state` / `restore_iterator_state` or `grain.checkpoint.CheckpointSave/Restore`
+inside an orbax Composite next to the model. A restored iterator yields exactly the batches the
+saved one would have (same config; the state's layout depends on worker_count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from data_pipelines import media, tfrecord
+from data_pipelines.questions import QuestionMaker
+
+
+@dataclasses.dataclass(frozen=True)
+class Pad:
+    """How a varying-length field is padded in a batch: along axis 0 to a bucket length."""
+    buckets: tuple[int, ...]
+    value: int | float = 0
+    side: str = "right"  # "left" for prompts scored at their last position
+    mask_key: str | None = None  # also emit a 0/1 int32 [B, bucket] mask under this name
+
+    def __post_init__(self):
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be increasing positive lengths, got {self.buckets}")
+        if self.side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {self.side!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that decides which batches come out, and how fast.
+
+    batch_size is global (all hosts); each host makes batch_size // process_count.
+    num_epochs=None repeats forever. drop_remainder=True (training) drops what does not fill a
+    batch; False (evaluation) pads with valid=0 examples instead (see the module docstring).
+    """
+    batch_size: int
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = 1
+    drop_remainder: bool = True
+    decode_audio: bool = True
+    decode_frames: bool = True
+    num_options: int = 10
+    question_strategy: str = "uniform"
+    question_seed: int = 0
+    on_error: str = "raise"  # bad records: "raise", or "skip" (logged, counted, dropped)
+    worker_count: int = 0  # Grain worker processes (0: in this process); the batches do not depend on it
+    worker_buffer_size: int = 2  # batches each worker keeps ready
+    read_threads: int = 2  # threads making batches in each process
+    read_buffer_size: int = 4  # batches those threads keep ready
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.worker_count < 0 or self.read_threads < 1:
+            raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {self.worker_count}, "
+                             f"{self.read_threads}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (top-level classes: Grain pickles them into its worker processes)
+# ---------------------------------------------------------------------------------------------
+
+class HostPositions:
+    """Grain `map_with_index` step: element index -> (record position, valid) of this host."""
+
+    def __init__(self, num_records: int, per_host: int, *, process_index: int, process_count: int,
+                 shuffle: bool, seed: int):
+        self.num_records, self.per_host = num_records, per_host
+        self.process_index, self.process_count = process_index, process_count
+        self.shuffle, self.seed = shuffle, seed
+
+    def __call__(self, index: int, _element) -> tuple[int, int]:
+        epoch, k = divmod(index, self.per_host)
+        slot = k * self.process_count + self.process_index
+        valid = slot < self.num_records
+        slot %= self.num_records
+        if self.shuffle:
+            slot = int(grain.experimental.index_shuffle(
+                slot, max_index=self.num_records - 1, seed=(self.seed + epoch) % 2**32, rounds=4))
+        return slot, int(valid)
+
+
+class ReadExample:
+    """(record position, valid) -> the decoded example dict (module docstring, step 2), or None
+    for a record skipped by the source."""
+
+    def __init__(self, source: tfrecord.TFRecordDataSource, class_names: Sequence[str],
+                 questions: QuestionMaker, *, decode_audio: bool = True, decode_frames: bool = True):
+        self.source, self.class_names, self.questions = source, tuple(class_names), questions
+        self.decode_audio, self.decode_frames = decode_audio, decode_frames
+
+    def __call__(self, item: tuple[int, int]) -> dict | None:
+        position, valid = item
+        data = self.source[position]
+        if data is None:
+            return None
+        clip = tfrecord.example_to_clip(data)
+        index = clip.label_index
+        if not 0 <= index < len(self.class_names) or self.class_names[index] != clip.label_name:
+            raise ValueError(f"clip {clip.clip_id}: label {clip.label_name!r} (index {index}) does not match "
+                             f"the class list ({len(self.class_names)} classes): wrong manifest for these files?")
+        question = self.questions(clip.clip_id, clip.label_name)
+        example = {"clip_id": clip.clip_id, "label": index, "label_name": clip.label_name, "split": clip.split,
+                   "start_sec": clip.start_sec, "valid": valid, "options": question.options,
+                   "answer": question.answer, "question": question.text()}
+        if self.decode_audio:
+            example["audio"] = clip.pcm16.astype(np.float32) / np.float32(32768.0)
+            example["sample_rate"] = clip.sample_rate
+        if self.decode_frames:
+            try:
+                frames = [media.decode_jpeg(j) for j in clip.jpeg_frames]
+            except ValueError as e:
+                raise ValueError(f"clip {clip.clip_id}: {e}") from e
+            shapes = {f.shape for f in frames}
+            if not frames:
+                raise ValueError(f"clip {clip.clip_id}: the record has no video frames")
+            if len(shapes) != 1:
+                raise ValueError(f"clip {clip.clip_id}: frames of different sizes {sorted(shapes)}")
+            example["frames"] = np.stack(frames)
+            example["fps"] = clip.fps
+        return example
+
+
+class ApplyTransform:
+    """Runs the model's transform and carries valid / label / answer into its output."""
+
+    def __init__(self, transform: Callable[[dict], dict] | None):
+        self.transform = transform
+
+    def __call__(self, example: dict | None) -> dict | None:
+        if example is None:
+            return None
+        if self.transform is None:
+            out = dict(example)
+        else:
+            out = self.transform(example)
+            if not isinstance(out, Mapping):
+                raise TypeError(f"clip {example['clip_id']}: the transform returned {type(out).__name__}, "
+                                "not a dict")
+            out = dict(out)
+        for key in ("clip_id", "valid", "label", "answer"):
+            out.setdefault(key, example[key])
+        return out
+
+
+class PadBatch:
+    """Grain `batch_fn`: a list of example dicts -> one dict of batched NumPy arrays.
+
+    None entries (records skipped by the source) become invalid copies of another example.
+    """
+
+    def __init__(self, padding: Mapping[str, Pad] | None = None):
+        self.padding = dict(padding or {})
+
+    def _pad(self, key: str, values: list[np.ndarray], pad: Pad, ids) -> dict[str, np.ndarray]:
+        lengths = [len(v) for v in values]
+        longest = max(lengths)
+        bucket = next((b for b in pad.buckets if b >= longest), None)
+        if bucket is None:
+            clip = ids[lengths.index(longest)]
+            raise ValueError(f"clip {clip}: {key!r} has length {longest}, over the largest bucket "
+                             f"{pad.buckets[-1]}: add a bucket or shorten the input")
+        first = values[0]
+        out = np.full((len(values), bucket, *first.shape[1:]), pad.value, dtype=first.dtype)
+        mask = np.zeros((len(values), bucket), np.int32)
+        for i, (v, n) in enumerate(zip(values, lengths)):
+            rows = slice(bucket - n, bucket) if pad.side == "left" else slice(0, n)
+            out[i, rows] = v
+            mask[i, rows] = 1
+        return {key: out, **({pad.mask_key: mask} if pad.mask_key else {})}
+
+    def __call__(self, examples: Sequence[dict | None]) -> dict[str, np.ndarray] | None:
+        present = [e for e in examples if e is not None]
+        if not present:
+            return None  # every record of this batch was skipped: Grain drops the batch
+        # A skipped record's row repeats another example, marked invalid: shapes stay fixed.
+        examples = [e if e is not None else {**present[0], "valid": 0} for e in examples]
+        keys = list(examples[0])
+        ids = [e.get("clip_id", "?") for e in examples]
+        for e in examples[1:]:
+            if list(e) != keys:
+                raise ValueError(f"clip {e.get('clip_id')}: keys {sorted(e)} differ from {sorted(keys)}")
+        batch = {}
+        for key in keys:
+            values = [e[key] for e in examples]
+            if key in self.padding:
+                batch.update(self._pad(key, [np.asarray(v) for v in values], self.padding[key], ids))
+            elif isinstance(values[0], (tuple, list)) and values[0] and isinstance(values[0][0], str):
+                batch[key] = np.asarray([list(v) for v in values])
+            else:
+                try:
+                    batch[key] = np.stack([np.asarray(v) for v in values])
+                except ValueError as e:
+                    shapes = sorted({np.shape(v) for v in values})
+                    raise ValueError(f"{key!r} has shapes {shapes} across clips {ids}: give it a Pad") from e
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: PipelineConfig,
+                 transform: Callable[[dict], dict] | None = None, padding: Mapping[str, Pad] | None = None,
+                 question_maker: QuestionMaker | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+    """This host's Grain dataset of batches (dicts of NumPy arrays) of the clips in `paths`.
+
+    `class_names` is the manifest's class list (label/index points into it; the questions draw
+    from it unless `question_maker` is given). process_index / process_count default to JAX's.
+    """
+    process_index, process_count = _process_index_and_count(process_index, process_count)
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {process_count} hosts")
+    local_batch = config.batch_size // process_count
+    source = tfrecord.TFRecordDataSource(paths, on_error=config.on_error)
+    num_records = len(source)
+    if num_records == 0:
+        raise ValueError(f"no records in {len(source.paths)} files: {source.paths[:3]}")
+    if config.drop_remainder:
+        per_host = num_records // process_count
+        if per_host < local_batch:
+            raise ValueError(f"{num_records} records over {process_count} hosts fill no batch of {local_batch}")
+    else:
+        per_host = math.ceil(math.ceil(num_records / process_count) / local_batch) * local_batch
+    questions = question_maker or QuestionMaker(class_names, num_options=config.num_options,
+                                                strategy=config.question_strategy, seed=config.question_seed)
+
+    ds = grain.MapDataset.range(per_host).repeat(config.num_epochs)
+    ds = ds.map_with_index(HostPositions(num_records, per_host, process_index=process_index,
+                                         process_count=process_count, shuffle=config.shuffle, seed=config.seed))
+    ds = ds.map(ReadExample(source, class_names, questions, decode_audio=config.decode_audio,
+                            decode_frames=config.decode_frames))
+    ds = ds.map(ApplyTransform(transform))
+    # Batching random-access elements makes batch i the same whatever the number of workers.
+    ds = ds.batch(local_batch, drop_remainder=config.drop_remainder, batch_fn=PadBatch(padding))
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                   prefetch_buffer_size=config.read_buffer_size))
+    if config.worker_count > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    return iter_ds
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh, *, batch_axes: Sequence[str] = ("data", "fsdp")) -> dict:
+    """This host's batch -> global jax.Arrays sharded over the mesh's `batch_axes` on axis 0.
+
+    Numeric arrays become global arrays of shape [global batch, ...]; strings stay host-local
+    NumPy arrays. Every host must call this with its own part of the same step's batch.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "biuf":
+            try:
+                out[key] = jax.make_array_from_process_local_data(sharding, value)
+            except ValueError as e:
+                raise ValueError(f"{key!r} (local shape {value.shape}) cannot be split over mesh axes "
+                                 f"{tuple(batch_axes)} of {dict(mesh.shape)}: {e}") from e
+        else:
+            out[key] = value
+    return out
+
+
+def save_iterator_state(directory, iterator) -> None:
+    """Saves a Grain iterator's position with orbax (one JSON file per host) in `directory`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
+        checkpointer.save(directory, args=grain.checkpoint.CheckpointSave(iterator))
+
+
+def restore_iterator_state(directory, iterator):
+    """Moves `iterator` (fresh, from the same dataset) to the position saved in `directory`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
+        return checkpointer.restore(directory, args=grain.checkpoint.CheckpointRestore(iterator))

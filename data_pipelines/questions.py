@@ -1,0 +1,96 @@
+"""10-way multiple-choice questions: the true class plus distractors, lettered A..J.
+
+The options of a clip depend only on (seed, clip id, true class, class list, strategy): the
+RNG is seeded with a SHA-256 of the seed and the clip id (never Python's salted `hash`), so
+every host, worker and run asks the same question about the same clip.
+
+Strategies:
+    "uniform"    distractors drawn uniformly without replacement from the other classes.
+    "confusion"  distractors first from `confusions[true class]` (an ordered list of the
+                 classes most often confused with it, e.g. from a confusion matrix), then, if
+                 that list is short, uniformly from the rest.
+The options are then shuffled, and `answer` is the position of the true class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from distill_jax.prompts import DEFAULT_QUESTION, LETTERS, format_question
+
+STRATEGIES = ("uniform", "confusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    options: tuple[str, ...]  # option names in letter order A, B, ...
+    answer: int  # index of the true class in `options`
+
+    @property
+    def answer_letter(self) -> str:
+        return LETTERS[self.answer]
+
+    def text(self, question_template: str = DEFAULT_QUESTION) -> str:
+        """The question with its lettered option lines (distill_jax.prompts.format_question)."""
+        return format_question(self.options, question_template)
+
+
+def clip_rng(clip_id: str, seed: int = 0) -> np.random.Generator:
+    """An RNG determined by (seed, clip id) alone, identical in every process."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{clip_id}".encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+class QuestionMaker:
+    """Makes the question of a clip: `QuestionMaker(classes)(clip_id, true_class) -> Question`.
+
+    Args:
+        class_names: the class list the options come from (distinct names).
+        num_options: options per question, 2..10 (default 10: the true class + 9 distractors).
+        strategy: "uniform" or "confusion" (see the module docstring).
+        confusions: for "confusion", class -> ordered confusable classes (all in `class_names`).
+        seed: changes every question at once; the default 0 is the published question set.
+    """
+
+    def __init__(self, class_names: Sequence[str], *, num_options: int = 10, strategy: str = "uniform",
+                 confusions: Mapping[str, Sequence[str]] | None = None, seed: int = 0):
+        self.class_names = tuple(class_names)
+        if len(set(self.class_names)) != len(self.class_names):
+            dup = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
+            raise ValueError(f"class list has duplicate names: {dup}")
+        if not 2 <= num_options <= len(LETTERS):
+            raise ValueError(f"num_options must be in 2..{len(LETTERS)}, got {num_options}")
+        if num_options > len(self.class_names):
+            raise ValueError(f"num_options={num_options} but the class list has only "
+                             f"{len(self.class_names)} classes")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "confusion" and confusions is None:
+            raise ValueError("strategy='confusion' needs a `confusions` mapping")
+        self._index = {name: i for i, name in enumerate(self.class_names)}
+        self.confusions = {}
+        for name, similar in (confusions or {}).items():
+            unknown = [c for c in [name, *similar] if c not in self._index]
+            if unknown:
+                raise ValueError(f"confusions for {name!r} name classes not in the class list: {unknown}")
+            self.confusions[name] = tuple(dict.fromkeys(c for c in similar if c != name))
+        self.num_options, self.strategy, self.seed = num_options, strategy, int(seed)
+
+    def __call__(self, clip_id: str, true_class: str) -> Question:
+        if true_class not in self._index:
+            raise ValueError(f"clip {clip_id}: label {true_class!r} is not in the class list "
+                             f"({len(self.class_names)} classes)")
+        rng = clip_rng(clip_id, self.seed)
+        needed = self.num_options - 1
+        distractors = []
+        if self.strategy == "confusion":
+            distractors = list(self.confusions.get(true_class, ()))[:needed]
+        rest = [c for c in self.class_names if c != true_class and c not in distractors]
+        picks = rng.choice(len(rest), size=needed - len(distractors), replace=False)
+        options = [true_class, *distractors, *(rest[i] for i in picks)]
+        order = rng.permutation(len(options))
+        options = tuple(options[i] for i in order)
+        return Question(options=options, answer=int(np.flatnonzero(order == 0)[0]))

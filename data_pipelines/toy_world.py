@@ -1,0 +1,415 @@
+"""The toy world: a procedural audio-visual dataset whose per-class modality strengths are set
+by construction, written as real mp4 files + a VGGSound-format CSV.
+
+    python -m data_pipelines.toy_world --out DIR            # mp4s + CSV, then TFRecords in DIR/tfrecords
+    python -m data_pipelines.toy_world --out DIR --no-convert
+
+Each class has an audio signature (a sound family with parameters) and a visual signature (a
+shape, a colour and a motion). Where two classes share a signature, they share the *same*
+generator and parameter distribution, so that modality cannot tell them apart better than a
+coin flip between the two; every other pair differs by design. Designed reliability:
+
+    class                          group          audio                        visual
+    chainsaw                       visual wins    = lawn mowing (engine buzz)  orange triangle, left-right
+    lawn mowing                    visual wins    = chainsaw                   green square, up-down
+    waterfall burbling             visual wins    = wind noise (band noise)    blue bar, falling
+    wind noise                     visual wins    = waterfall burbling         white circle, drifting
+    driving motorcycle             visual wins    = race car (revving sweep)   red circle, circling
+    race car, auto racing          visual wins    = driving motorcycle         yellow bar, left-right fast
+    playing violin, fiddle         audio wins     bowed harmonics, 660 Hz      = playing cello (brown bar)
+    playing cello                  audio wins     bowed harmonics, 130 Hz      = playing violin, fiddle
+    dog barking                    audio wins     bright noise bursts, 3/s     = dog growling (tan circle)
+    dog growling                   audio wins     low noise, 25 Hz throb       = dog barking
+    bird chirping, tweeting        audio wins     fast high up-chirps          = owl hooting (grey triangle)
+    owl hooting                    audio wins     low hoots, 2 per second      = bird chirping, tweeting
+    church bell ringing            both clear     inharmonic bell strikes      gold ring, swinging
+    police car (siren)             both clear     slow up-down siren sweep     blue square, blinking red
+    clock tick                     both clear     clicks, 2/s                  cyan cross, static
+    people clapping                both clear     bright clicks, 6/s           magenta square, pulsing
+    -- unseen (only in the "unseen" split) --
+    cat meowing                    visual wins    = baby crying (falling tone) purple circle, pulsing
+    baby crying                    visual wins    = cat meowing                pink square, static
+    frog croaking                  both clear     pulsed 300 Hz croaks         green triangle, hopping
+    thunder                        both clear     low rumble burst             grey bar, flashing
+
+So on "visual wins" pairs an audio model is at best 50 % (pair chance) and a visual model near
+its clean accuracy; "audio wins" the other way round; "both clear" classes are learnable from
+either. Per clip: parameters jitter (pitch, rate, size, position, colour, speed), noise is
+added to the sound (random SNR) and the picture, and with some probability a faint sound or a
+small object of another class is mixed in, so small models learn the classes well but not
+perfectly. `design.json` in the output records this table and the generator settings.
+
+Splits (clips per class by default): pretrain 16 (to warm-start the toy models), train 32,
+analysis 8, test 8, and unseen 8 for each unseen class. Everything is seeded: the same
+arguments give the same files. The default size runs in about a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_pipelines import media
+
+SAMPLE_RATE = media.SAMPLE_RATE
+SEEN_SPLITS = ("pretrain", "train", "analysis", "test")
+UNSEEN_SPLIT = "unseen"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sound:
+    family: str  # harmonic | am | sweep | band_noise | bursts | clicks | growl | bell | hoots | croaks | rumble
+    params: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+    shape: str  # circle | square | triangle | ring | bar | cross
+    colour: tuple[int, int, int]
+    motion: str  # static | horizontal | vertical | circular | falling | pulse | blink | swing | hop | flash
+    speed: float = 1.0  # cycles per second of the motion
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyClass:
+    name: str
+    group: str  # "visual wins" | "audio wins" | "both clear"
+    sound: Sound
+    look: Look
+    unseen: bool = False
+
+
+_ENGINE = Sound("am", (110.0, 6, 22.0))  # f0, harmonics, modulation Hz
+_RUSH = Sound("band_noise", (1200.0, 900.0))  # centre Hz, bandwidth Hz
+_REV = Sound("sweep", (180.0, 420.0, 0.8, 4))  # low Hz, high Hz, sweeps per s, harmonics
+_BROWN_BAR = Look("bar", (120, 70, 30), "static")
+_TAN_CIRCLE = Look("circle", (200, 160, 110), "vertical", 1.5)
+_GREY_TRIANGLE = Look("triangle", (110, 110, 120), "circular", 0.7)
+_MEOW = Sound("sweep", (700.0, 450.0, 0.6, 5))
+
+CLASSES = (
+    ToyClass("chainsaw", "visual wins", _ENGINE, Look("triangle", (240, 130, 20), "horizontal", 1.0)),
+    ToyClass("lawn mowing", "visual wins", _ENGINE, Look("square", (40, 180, 40), "vertical", 0.8)),
+    ToyClass("waterfall burbling", "visual wins", _RUSH, Look("bar", (40, 90, 230), "falling", 1.2)),
+    ToyClass("wind noise", "visual wins", _RUSH, Look("circle", (235, 235, 235), "horizontal", 0.3)),
+    ToyClass("driving motorcycle", "visual wins", _REV, Look("circle", (220, 30, 30), "circular", 1.0)),
+    ToyClass("race car, auto racing", "visual wins", _REV, Look("bar", (240, 220, 30), "horizontal", 2.0)),
+    ToyClass("playing violin, fiddle", "audio wins", Sound("harmonic", (660.0, 8, 0.7)), _BROWN_BAR),
+    ToyClass("playing cello", "audio wins", Sound("harmonic", (130.0, 8, 0.8)), _BROWN_BAR),
+    ToyClass("dog barking", "audio wins", Sound("bursts", (3.0, 1500.0, 1200.0)), _TAN_CIRCLE),
+    ToyClass("dog growling", "audio wins", Sound("growl", (300.0, 25.0)), _TAN_CIRCLE),
+    ToyClass("bird chirping, tweeting", "audio wins", Sound("sweep", (2800.0, 4200.0, 5.0, 1)), _GREY_TRIANGLE),
+    ToyClass("owl hooting", "audio wins", Sound("hoots", (400.0, 2.0)), _GREY_TRIANGLE),
+    ToyClass("church bell ringing", "both clear", Sound("bell", (520.0, 1.0)),
+             Look("ring", (230, 190, 50), "swing", 0.6)),
+    ToyClass("police car (siren)", "both clear", Sound("sweep", (700.0, 1500.0, 0.5, 2)),
+             Look("square", (30, 60, 240), "blink", 2.0)),
+    ToyClass("clock tick", "both clear", Sound("clicks", (2.0, 3000.0)), Look("cross", (40, 220, 230), "static")),
+    ToyClass("people clapping", "both clear", Sound("clicks", (6.0, 5000.0)),
+             Look("square", (240, 60, 200), "pulse", 1.5)),
+    ToyClass("cat meowing", "visual wins", _MEOW, Look("circle", (150, 60, 200), "pulse", 1.0), unseen=True),
+    ToyClass("baby crying", "visual wins", _MEOW, Look("square", (250, 170, 190), "static"), unseen=True),
+    ToyClass("frog croaking", "both clear", Sound("croaks", (300.0, 3.0)), Look("triangle", (60, 160, 60), "hop", 1.5),
+             unseen=True),
+    ToyClass("thunder", "both clear", Sound("rumble", (60.0,)), Look("bar", (150, 150, 160), "flash", 0.8),
+             unseen=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Size and noise of the toy world. `per_class` counts clips of each seen class per split."""
+    seed: int = 0
+    seconds: float = 2.0
+    size: int = 64  # frame height = width
+    video_fps: int = 8
+    per_class: tuple[tuple[str, int], ...] = (("pretrain", 16), ("train", 32), ("analysis", 8), ("test", 8))
+    unseen_per_class: int = 8
+    snr_db: tuple[float, float] = (0.0, 15.0)  # per-clip range of the sound's SNR against white noise
+    image_noise: float = 12.0  # std of the per-pixel picture noise (0..255 scale)
+    distractor_prob: float = 0.4  # chance of a faint sound / small object of another class
+
+    def __post_init__(self):
+        if self.seconds <= 0 or self.size < 16 or self.size % 2 or self.video_fps < 1:
+            raise ValueError(f"need seconds > 0, an even size >= 16 and video_fps >= 1: {self}")
+        if not 0 <= self.distractor_prob <= 1:
+            raise ValueError(f"distractor_prob must be in [0, 1], got {self.distractor_prob}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sound
+# ---------------------------------------------------------------------------------------------
+
+def _band_noise(rng, n: int, centre: float, width: float) -> np.ndarray:
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+    spectrum *= np.exp(-0.5 * ((freqs - centre) / (width / 2.0)) ** 2)
+    return np.fft.irfft(spectrum, n)
+
+
+def _harmonics(phase: np.ndarray, count: int, decay: float) -> np.ndarray:
+    return sum(decay ** k * np.sin((k + 1) * phase) for k in range(count))
+
+
+def _pulse_train(rng, n: int, rate: float, width: float) -> np.ndarray:
+    """An envelope of Gaussian pulses at `rate` per second with jittered onsets."""
+    t = np.arange(n) / SAMPLE_RATE
+    env = np.zeros(n)
+    onset = rng.uniform(0, 1.0 / rate)
+    while onset < t[-1]:
+        env += np.exp(-0.5 * ((t - onset) / width) ** 2)
+        onset += rng.uniform(0.85, 1.15) / rate
+    return env
+
+
+def render_sound(sound: Sound, rng: np.random.Generator, n: int) -> np.ndarray:
+    """One jittered instance of `sound`, `n` samples at 16 kHz, unit RMS."""
+    t = np.arange(n) / SAMPLE_RATE
+    jitter = lambda: rng.uniform(0.95, 1.05)  # noqa: E731 - a per-parameter random factor
+    p = sound.params
+    if sound.family == "harmonic":
+        f0, count, decay = p[0] * jitter(), p[1], p[2]
+        vibrato = 0.004 * np.sin(2 * np.pi * 5.5 * t)
+        x = _harmonics(2 * np.pi * f0 * np.cumsum(1 + vibrato) / SAMPLE_RATE, count, decay)
+    elif sound.family == "am":
+        f0, count, rate = p[0] * jitter(), p[1], p[2] * jitter()
+        x = _harmonics(2 * np.pi * f0 * t, count, 0.8) * (1 + 0.8 * np.sin(2 * np.pi * rate * t))
+    elif sound.family == "sweep":
+        low, high, rate, count = p[0] * jitter(), p[1] * jitter(), p[2] * jitter(), p[3]
+        freq = low + (high - low) * (0.5 - 0.5 * np.cos(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)))
+        x = _harmonics(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE, count, 0.6)
+    elif sound.family == "band_noise":
+        x = _band_noise(rng, n, p[0] * jitter(), p[1] * jitter())
+    elif sound.family == "bursts":
+        rate, centre, width = p[0] * jitter(), p[1] * jitter(), p[2]
+        x = _band_noise(rng, n, centre, width) * _pulse_train(rng, n, rate, 0.03)
+    elif sound.family == "clicks":
+        rate, centre = p[0] * jitter(), p[1] * jitter()
+        x = _band_noise(rng, n, centre, 2000.0) * _pulse_train(rng, n, rate, 0.004)
+    elif sound.family == "growl":
+        centre, rate = p[0] * jitter(), p[1] * jitter()
+        x = _band_noise(rng, n, centre, 250.0) * (1 + 0.9 * np.sin(2 * np.pi * rate * t))
+    elif sound.family == "bell":
+        f0, interval = p[0] * jitter(), p[1] * jitter()
+        strikes = np.mod(t + rng.uniform(0, interval), interval)
+        partials = sum(a * np.sin(2 * np.pi * f0 * r * t) for a, r in ((1, 1), (0.6, 2.76), (0.4, 5.4), (0.3, 8.9)))
+        x = partials * np.exp(-strikes * 4.0)
+    elif sound.family == "hoots":
+        f0, rate = p[0] * jitter(), p[1] * jitter()
+        x = _harmonics(2 * np.pi * f0 * t, 3, 0.3) * _pulse_train(rng, n, rate, 0.08)
+    elif sound.family == "croaks":
+        f0, rate = p[0] * jitter(), p[1] * jitter()
+        x = _harmonics(2 * np.pi * f0 * t, 5, 0.7) * (np.sin(2 * np.pi * 40 * t) > 0) * _pulse_train(rng, n, rate, 0.06)
+    elif sound.family == "rumble":
+        x = _band_noise(rng, n, p[0] * jitter(), 80.0) * np.exp(-((t - rng.uniform(0.2, 0.8) * t[-1]) / 0.5) ** 2)
+    else:
+        raise ValueError(f"unknown sound family {sound.family!r}")
+    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Picture
+# ---------------------------------------------------------------------------------------------
+
+def _shape_mask(shape: str, yy, xx, cy: float, cx: float, r: float) -> np.ndarray:
+    dy, dx = yy - cy, xx - cx
+    if shape == "circle":
+        return dy ** 2 + dx ** 2 <= r ** 2
+    if shape == "square":
+        return (np.abs(dy) <= 0.85 * r) & (np.abs(dx) <= 0.85 * r)
+    if shape == "triangle":
+        return (dy <= 0.8 * r) & (dy >= -r + 2 * np.abs(dx))
+    if shape == "ring":
+        return np.abs(np.sqrt(dy ** 2 + dx ** 2) - 0.75 * r) <= 0.25 * r
+    if shape == "bar":
+        return (np.abs(dy) <= 0.35 * r) & (np.abs(dx) <= 1.3 * r)
+    if shape == "cross":
+        return ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r)) | ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _place(look: Look, time: float, size: int, base: tuple[float, float], radius: float, phase: float, speed: float
+           ) -> tuple[float, float, float, tuple, bool]:
+    """(cy, cx, radius, colour, visible) of an object with `look` at `time`."""
+    cy, cx = base
+    amp = 0.22 * size
+    angle = 2 * np.pi * speed * time + phase
+    colour, visible = look.colour, True
+    if look.motion == "horizontal":
+        cx += amp * np.sin(angle)
+    elif look.motion == "vertical":
+        cy += amp * np.sin(angle)
+    elif look.motion == "circular":
+        cy, cx = cy + amp * np.sin(angle), cx + amp * np.cos(angle)
+    elif look.motion == "falling":
+        cy = (cy + size * speed * time) % size
+    elif look.motion == "pulse":
+        radius *= 1 + 0.35 * np.sin(angle)
+    elif look.motion == "blink":
+        colour = look.colour if np.sin(angle) >= 0 else (230, 30, 30)
+    elif look.motion == "swing":
+        cx += 0.5 * amp * np.sin(angle)
+        cy += 0.15 * amp * np.cos(2 * angle)
+    elif look.motion == "hop":
+        cy -= amp * abs(np.sin(angle))
+    elif look.motion == "flash":
+        visible = np.sin(angle) > -0.3
+    elif look.motion != "static":
+        raise ValueError(f"unknown motion {look.motion!r}")
+    return cy, cx, radius, colour, visible
+
+
+def render_frames(look: Look, rng: np.random.Generator, config: WorldConfig, num_frames: int,
+                  distractor: Look | None = None) -> np.ndarray:
+    """uint8 [num_frames, size, size, 3] of one jittered object with `look` (and a small distractor)."""
+    size = config.size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    background = rng.uniform(20, 70) + rng.normal(0, 6, (size, size, 1))
+    objects = [(look, (size / 2 + rng.uniform(-0.08, 0.08) * size, size / 2 + rng.uniform(-0.08, 0.08) * size),
+                0.2 * size * rng.uniform(0.85, 1.15), 1.0)]
+    if distractor is not None:
+        corner = rng.uniform(0.12, 0.88, 2) * size
+        objects.append((distractor, (corner[0], corner[1]), 0.09 * size, 0.45))
+    phase, speed_factor = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15)
+    tint = rng.uniform(-15, 15, 3)
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for i in range(num_frames):
+        image = np.repeat(background, 3, axis=2)
+        for obj_look, base, radius, strength in objects:
+            cy, cx, r, colour, visible = _place(obj_look, i / config.video_fps, size, base, radius, phase,
+                                                 obj_look.speed * speed_factor)
+            if visible:
+                mask = _shape_mask(obj_look.shape, yy, xx, cy, cx, r)
+                colour = np.clip(np.asarray(colour, np.float64) + tint, 0, 255)
+                image[mask] = (1 - strength) * image[mask] + strength * colour
+        image += rng.normal(0, config.image_noise, image.shape)
+        frames[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips and files
+# ---------------------------------------------------------------------------------------------
+
+def clip_rng(config: WorldConfig, class_index: int, split: str, number: int) -> np.random.Generator:
+    split_index = (*SEEN_SPLITS, UNSEEN_SPLIT).index(split)
+    return np.random.default_rng([config.seed, class_index, split_index, number])
+
+
+def render_clip(class_index: int, rng: np.random.Generator, config: WorldConfig,
+                classes: Sequence[ToyClass] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 [T, size, size, 3], audio float32 [samples] in [-1, 1]) of one clip."""
+    toy = classes[class_index]
+    pool = [c for c in classes if c.unseen == toy.unseen and c.name != toy.name]
+    n = int(round(config.seconds * SAMPLE_RATE))
+    sound = render_sound(toy.sound, rng, n)
+    if rng.uniform() < config.distractor_prob:
+        other = pool[rng.integers(len(pool))]
+        sound = sound + rng.uniform(0.1, 0.3) * render_sound(other.sound, rng, n)
+    snr = 10 ** (rng.uniform(*config.snr_db) / 20)
+    sound = sound + rng.standard_normal(n) * np.sqrt(np.mean(sound ** 2)) / snr
+    audio = (0.3 * sound / np.max(np.abs(sound))).astype(np.float32)
+    distractor = pool[rng.integers(len(pool))].look if rng.uniform() < config.distractor_prob else None
+    frames = render_frames(toy.look, rng, config, int(round(config.seconds * config.video_fps)), distractor)
+    return frames, audio
+
+
+def clip_plan(config: WorldConfig, classes: Sequence[ToyClass] = CLASSES) -> list[tuple[str, str, int, int]]:
+    """(ytid, split, class index, number) of every clip, in a fixed order."""
+    plan = []
+    for class_index, toy in enumerate(classes):
+        counts = ((UNSEEN_SPLIT, config.unseen_per_class),) if toy.unseen else config.per_class
+        for split, count in counts:
+            for number in range(count):
+                plan.append((f"toy{class_index:02d}-{split}-{number:04d}", split, class_index, number))
+    return plan
+
+
+def _write_clip(task) -> None:
+    path, class_index, split, number, config = task
+    if os.path.exists(path):
+        return
+    frames, audio = render_clip(class_index, clip_rng(config, class_index, split, number), config)
+    tmp = path + ".tmp"
+    media.write_mp4(tmp, frames, config.video_fps, audio, container_format="mp4", video_bitrate=400_000)
+    os.replace(tmp, path)
+
+
+def design_table(classes: Sequence[ToyClass] = CLASSES) -> list[dict]:
+    """Per class: group, signatures, and which class it is indistinguishable from per modality."""
+    rows = []
+    for toy in classes:
+        same_sound = [c.name for c in classes if c.sound == toy.sound and c.name != toy.name]
+        same_look = [c.name for c in classes if c.look == toy.look and c.name != toy.name]
+        rows.append({"class": toy.name, "group": toy.group, "unseen": toy.unseen,
+                     "sound": dataclasses.asdict(toy.sound), "look": dataclasses.asdict(toy.look),
+                     "audio_alike": same_sound, "visual_alike": same_look,
+                     "audio_pair_bayes_accuracy": 1.0 / (1 + len(same_sound)),
+                     "visual_pair_bayes_accuracy": 1.0 / (1 + len(same_look))})
+    return rows
+
+
+def generate(out_dir, config: WorldConfig = WorldConfig(), *, workers: int | None = None) -> str:
+    """Writes `out_dir/videos/*.mp4`, `out_dir/toy_world.csv` and `out_dir/design.json`; returns the CSV path.
+
+    Existing mp4 files are kept (a rerun finishes an interrupted one).
+    """
+    out_dir = os.fspath(out_dir)
+    video_dir = os.path.join(out_dir, "videos")
+    os.makedirs(video_dir, exist_ok=True)
+    plan = clip_plan(config)
+    tasks = [(os.path.join(video_dir, f"{ytid}_000000.mp4"), c, split, number, config)
+             for ytid, split, c, number in plan]
+    workers = os.cpu_count() if workers is None else workers
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_write_clip, tasks, chunksize=8):
+                pass
+    else:
+        for task in tasks:
+            _write_clip(task)
+    csv_path = os.path.join(out_dir, "toy_world.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        for ytid, split, c, _ in plan:
+            writer.writerow([ytid, 0, CLASSES[c].name, split])
+    with open(os.path.join(out_dir, "design.json"), "w", encoding="utf-8") as f:
+        json.dump({"config": dataclasses.asdict(config), "classes": design_table()}, f, indent=1)
+        f.write("\n")
+    return csv_path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every split's clips per class")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--no-convert", action="store_true", help="only write the mp4s and the CSV")
+    p.add_argument("--fps", type=float, default=4.0, help="frames per second kept by the converter")
+    args = p.parse_args(argv)
+
+    base = WorldConfig()
+    config = dataclasses.replace(
+        base, seed=args.seed, unseen_per_class=max(1, round(base.unseen_per_class * args.scale)),
+        per_class=tuple((s, max(1, round(n * args.scale))) for s, n in base.per_class))
+    csv_path = generate(args.out, config, workers=args.workers)
+    print(f"wrote {len(clip_plan(config))} clips and {csv_path}")
+    if not args.no_convert:
+        from data_pipelines import vggsound
+
+        vggsound.main(["--csv", csv_path, "--video-dir", os.path.join(args.out, "videos"),
+                       "--out", os.path.join(args.out, "tfrecords"), "--name", "toy_world",
+                       "--analysis-size", "0", "--fps", str(args.fps), "--max-seconds", str(config.seconds),
+                       "--max-short-side", str(config.size), "--workers", str(args.workers),
+                       "--clips-per-shard", "500"])
+
+
+if __name__ == "__main__":
+    main()
