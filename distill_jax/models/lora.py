@@ -130,6 +130,21 @@ def unmerge_lora(model: nnx.Module) -> None:
             linear.lora.merged = False
 
 
+def _peft_target_regex(model: nnx.Module, key_map, adapted: list[str]) -> str:
+    """A regex PEFT full-matches against module names that selects exactly the `adapted` ones.
+
+    Layer indices are generalised (`layers\\.\\d+\\.`) when that still selects exactly them;
+    otherwise the names are listed one by one.
+    """
+    candidates = [key_map.peft_module(".".join(str(p) for p in path))
+                  for path, module in nnx.iter_modules(model) if isinstance(module, Linear) and path]
+    patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in adapted})
+    compact = "^(?:" + "|".join(patterns) + ")$"
+    if sorted(n for n in candidates if re.fullmatch(compact, n)) == sorted(adapted):
+        return compact
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(adapted)) + ")$"
+
+
 def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str | None = None) -> str:
     """Write `adapter_config.json` + `adapter_model.safetensors` for `peft.PeftModel.from_pretrained`.
 
@@ -156,9 +171,7 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
         tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
             np.asarray(jax.device_get(linear.lora.lora_b[...]), np.float32).T)
     if lora_scope(model, config):
-        # A regex PEFT full-matches against module names: our modules with layer indices generalised.
-        patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in module_names})
-        target_modules = "^(?:" + "|".join(patterns) + ")$"
+        target_modules = _peft_target_regex(model, key_map, module_names)
     else:
         target_modules = sorted({name.rpartition(".")[2] for name in module_names})
     adapter_config = {
