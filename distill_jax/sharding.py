@@ -37,6 +37,12 @@ LOGICAL_RULES: dict[str, Any] = {
     "positions": None,  # learned position tables (audio tower)
     "conv_width": None,
     "conv_in": None,  # conv input channels (mel bins, or d_model when the output is d_model too)
+    # Cnn14 (the switch): ~80M parameters, replicated; its batches shard over "batch".
+    "conv_height": None,
+    "conv_out": None,
+    "channels": None,  # conv channels (BatchNorm, fc1's input), and bn0's mel bins
+    "cnn_embed": None,  # fc1's width (the embedding)
+    "classes": None,  # classifier outputs (fc_audioset, the switch head)
     "audio_embed": None,  # the audio tower's width where the other dim is already "embed"
     "vision_merge": None,  # the vision merger's input (4 patches' features stacked)
 }

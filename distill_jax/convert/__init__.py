@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, load_state
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
+from distill_jax.convert.pann import load_pann  # PANN Cnn14 .pth / safetensors -> models.cnn14.Cnn14
 from distill_jax.models import qwen2, qwen2_audio, qwen2_vl
 
 
@@ -120,4 +121,5 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None) -> nnx.Mo
     return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)
 
 
-__all__ = ["CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES"]
+__all__ = ["CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES",
+           "load_pann"]

@@ -1,0 +1,397 @@
+"""The heuristic switch: a Cnn14 binary classifier that predicts, per clip, whether the teacher
+modality is the better teacher there (paper section 4: PANN fine-tuned on the analysis set).
+
+Labels come from the two models' per-clip answers (`sample_labels`, `class_labels`). The
+switch is a Cnn14 whose embedding (fc1 + ReLU) feeds a one-logit head, trained with BCE
+weighted for class imbalance (= torch BCEWithLogitsLoss(pos_weight=n_neg / n_pos)):
+- finetune="head": the backbone is frozen in eval mode (running statistics, no dropout or
+  SpecAugment), so its embeddings are computed once and only the head trains on them;
+- finetune="full": every parameter trains, the backbone in train mode (batch statistics
+  updating the running ones, dropout, SpecAugment).
+`make_predict(switch)` is the labelling stage's jitted batch `predict(waveforms) -> prob`;
+`save_switch` / `restore_switch` keep it with orbax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from data_pipelines.audio_resample import resample
+from distill_jax.layers.linear import Linear
+from distill_jax.models.cnn14 import Cnn14, Cnn14Config, check_finite, check_waveform, default_rngs
+
+FINETUNE_MODES = ("head", "full")
+LABEL_MODES = ("sample", "class")
+SAMPLE_RULES = ("right_wrong", "confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchConfig:
+    """What the switch is and how it trains. `threshold` turns probabilities into decisions."""
+
+    backbone: Cnn14Config = Cnn14Config.preset("cnn14_16k")
+    finetune: str = "head"  # "head" (frozen backbone + head) or "full" (fine-tune everything)
+    label_mode: str = "sample"  # "sample" or "class" (see make_labels)
+    sample_rule: str = "right_wrong"  # "right_wrong" or "confidence"
+    class_margin: float = 0.0  # class-level: teacher accuracy - student accuracy must exceed this
+    threshold: float = 0.5
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 10
+    pos_weight: float | None = None  # None: n_negative / n_positive of the training labels
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = (("finetune", FINETUNE_MODES), ("label_mode", LABEL_MODES), ("sample_rule", SAMPLE_RULES))
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SwitchConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"SwitchConfig.threshold must be in (0, 1), got {self.threshold}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if self.pos_weight is not None and not self.pos_weight > 0:
+            raise ValueError(f"pos_weight must be > 0 (or None), got {self.pos_weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["backbone"] = self.backbone.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SwitchConfig":
+        return cls(**{**d, "backbone": Cnn14Config.from_dict(d["backbone"])})
+
+
+# ----------------------------------------------------------------------------- labels
+
+def _column(name: str, values, n: int | None = None, dtype=None) -> np.ndarray:
+    a = np.asarray(values, dtype=dtype)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one entry per clip), got shape {a.shape}")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} entries, expected {n} (one per clip)")
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} has non-finite entries at clips {np.flatnonzero(~np.isfinite(a)).tolist()}")
+    return a
+
+
+def correct(answers, truth) -> np.ndarray:
+    """Per clip: is the model's answer (letter or class) the true one?"""
+    truth = _column("truth", truth)
+    return _column("answers", answers, len(truth)) == truth
+
+
+def sample_labels(teacher_correct, student_correct, *, rule: str = "right_wrong",
+                  teacher_confidence=None, student_confidence=None) -> np.ndarray:
+    """Sample-level switch labels (int32 0/1 per clip).
+
+    rule="right_wrong": 1 where the teacher is right and the student wrong.
+    rule="confidence": 1 where the teacher's confidence exceeds the student's; a confidence
+      is the probability the model gives the correct choice (from its letter distribution).
+    """
+    t = _column("teacher_correct", teacher_correct, dtype=bool)
+    s = _column("student_correct", student_correct, len(t), dtype=bool)
+    if rule == "right_wrong":
+        return (t & ~s).astype(np.int32)
+    if rule == "confidence":
+        if teacher_confidence is None or student_confidence is None:
+            raise ValueError("rule='confidence' needs teacher_confidence and student_confidence")
+        tc = _column("teacher_confidence", teacher_confidence, len(t), np.float64)
+        sc = _column("student_confidence", student_confidence, len(t), np.float64)
+        return (tc > sc).astype(np.int32)
+    raise ValueError(f"unknown sample rule {rule!r}; allowed: {SAMPLE_RULES}")
+
+
+def class_labels(classes, teacher_correct, student_correct, *, margin: float = 0.0
+                 ) -> tuple[np.ndarray, dict[Any, dict[str, float]]]:
+    """Class-level switch labels: 1 for every clip of a class where the teacher's accuracy on that
+    class exceeds the student's by more than `margin`.
+
+    Returns (labels [clips] int32, {class: {"teacher", "student", "clips", "label"}}).
+    """
+    classes = _column("classes", classes)
+    t = _column("teacher_correct", teacher_correct, len(classes), dtype=bool)
+    s = _column("student_correct", student_correct, len(classes), dtype=bool)
+    labels = np.zeros(len(classes), np.int32)
+    table = {}
+    for c in np.unique(classes):
+        clips = classes == c
+        acc_t, acc_s = float(t[clips].mean()), float(s[clips].mean())
+        label = int(acc_t - acc_s > margin)
+        labels[clips] = label
+        table[c.item() if hasattr(c, "item") else c] = dict(teacher=acc_t, student=acc_s, clips=int(clips.sum()),
+                                                            label=label)
+    return labels, table
+
+
+def make_labels(config: SwitchConfig, *, truth, teacher_answers, student_answers, classes=None,
+                teacher_confidence=None, student_confidence=None) -> np.ndarray:
+    """Switch labels from both models' per-clip answers, by `config.label_mode` / `sample_rule`."""
+    t, s = correct(teacher_answers, truth), correct(student_answers, truth)
+    if config.label_mode == "class":
+        if classes is None:
+            raise ValueError("label_mode='class' needs each clip's class (classes=)")
+        return class_labels(classes, t, s, margin=config.class_margin)[0]
+    return sample_labels(t, s, rule=config.sample_rule, teacher_confidence=teacher_confidence,
+                         student_confidence=student_confidence)
+
+
+# ----------------------------------------------------------------------------- loss and metrics
+
+def imbalance_weight(labels) -> float:
+    """n_negative / n_positive: BCE's positive-class weight that balances the two classes."""
+    labels = _column("labels", labels)
+    pos = int(np.sum(labels == 1))
+    neg = int(np.sum(labels == 0))
+    if pos + neg != labels.size:
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(np.unique(labels).tolist()) - {0, 1})}")
+    if pos == 0 or neg == 0:
+        raise ValueError(f"labels are all {'negative' if pos == 0 else 'positive'} ({labels.size} clips): "
+                         "the switch has nothing to learn")
+    return neg / pos
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array, pos_weight: float | jax.Array) -> jax.Array:
+    """= torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight): mean of w * BCE, w = pos_weight on positives."""
+    labels = labels.astype(jnp.float32)
+    per_clip = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+    return jnp.mean(jnp.where(labels > 0.5, pos_weight, 1.0) * per_clip)
+
+
+def binary_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, balanced accuracy, precision, recall (0.0 where undefined, as sklearn's zero_division=0)."""
+    y = _column("labels", labels).astype(bool)
+    pred = _column("probs", probs, len(y), np.float64) >= threshold
+    tp, tn = int(np.sum(pred & y)), int(np.sum(~pred & ~y))
+    fp, fn = int(np.sum(pred & ~y)), int(np.sum(~pred & y))
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    specificity = tn / (tn + fp) if tn + fp else 0.0
+    return dict(accuracy=(tp + tn) / len(y), balanced_accuracy=(recall + specificity) / 2,
+                precision=tp / (tp + fp) if tp + fp else 0.0, recall=recall,
+                majority_baseline=max(y.mean(), 1 - y.mean()), clips=len(y), positives=int(y.sum()))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Switch(nnx.Module):
+    """Cnn14 backbone + a one-logit head on its embedding: `switch(waveform [B, N]) -> logits [B]`."""
+
+    def __init__(self, config: SwitchConfig, *, rngs: nnx.Rngs, backbone: Cnn14 | None = None):
+        if backbone is not None and backbone.config != config.backbone:
+            raise ValueError(f"backbone config {backbone.config} differs from SwitchConfig.backbone {config.backbone}")
+        self.config = config
+        self.backbone = backbone if backbone is not None else Cnn14(config.backbone, rngs=rngs)
+        self.head = Linear(config.backbone.embedding_dim, 1, axes=("cnn_embed", "classes"), use_bias=True,
+                           kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+
+    def __call__(self, waveform: jax.Array) -> jax.Array:
+        return self.head(self.backbone(waveform)["embedding"])[:, 0]
+
+
+def _as_batch(waveforms, config: SwitchConfig, sample_rate: int | None) -> np.ndarray:
+    """[B, N] float32 at the backbone's sample rate (resampled with data_pipelines.audio_resample)."""
+    if isinstance(waveforms, (list, tuple)):
+        lengths = {np.shape(w) for w in waveforms}
+        if len(lengths) != 1:
+            raise ValueError(f"clips in one call must have equal length, got shapes {sorted(lengths)}")
+        waveforms = np.stack(waveforms)
+    x = np.asarray(waveforms)
+    if x.ndim != 2:
+        raise ValueError(f"waveforms must be [clips, samples], got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"waveforms must be floating-point samples, got dtype {x.dtype}")
+    rate = config.backbone.sample_rate
+    if sample_rate is not None and sample_rate != rate:
+        check_finite(x, name="waveforms")
+        x = resample(x, sample_rate, rate)
+    x = x.astype(np.float32)
+    check_waveform(x, config.backbone, name=f"waveforms (at {rate} Hz)")
+    return x
+
+
+def _batches(n: int, batch_size: int):
+    """Index blocks of batch_size covering range(n); the last one wraps around (fixed shapes, one compile)."""
+    for start in range(0, n, batch_size):
+        yield np.arange(start, start + batch_size) % n, min(batch_size, n - start)
+
+
+def _eval_copy(module: nnx.Module) -> nnx.Module:
+    """The same arrays in a module object set to eval mode (the caller's module keeps its mode)."""
+    copy = nnx.merge(*nnx.split(module))
+    copy.eval()
+    return copy
+
+
+@partial(jax.jit, static_argnums=0)
+def _probabilities(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    return jax.nn.sigmoid(nnx.merge(graphdef, state)(x))
+
+
+@partial(jax.jit, static_argnums=0)
+def _embeddings(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(x)["embedding"]
+
+
+def _run_batched(fn, graphdef, state, x: np.ndarray, batch_size: int, width: tuple[int, ...] = ()) -> np.ndarray:
+    out = np.empty((len(x), *width), np.float32)
+    for index, real in _batches(len(x), batch_size):
+        out[index[:real]] = np.asarray(fn(graphdef, state, x[index]))[:real]
+    return out
+
+
+def make_predict(switch: Switch, *, batch_size: int = 32, sample_rate: int | None = None
+                 ) -> Callable[[Any], np.ndarray]:
+    """A batch `predict(waveforms [clips, N]) -> prob [clips]` (jitted, eval mode, fixed batch shape).
+
+    sample_rate: the waveforms' rate; resampled to the backbone's when it differs.
+    Bad input (NaN/inf, clips shorter than Cnn14's minimum, not 2-D) is a ValueError naming it.
+    Compiled once per (switch structure, batch_size, clip length), shared between switches.
+    """
+    graphdef, state = nnx.split(_eval_copy(switch))
+
+    def predict(waveforms) -> np.ndarray:
+        x = _as_batch(waveforms, switch.config, sample_rate)
+        return _run_batched(_probabilities, graphdef, state, x, batch_size)
+
+    return predict
+
+
+def embeddings(backbone: Cnn14, waveforms: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+    """Eval-mode Cnn14 embeddings [clips, embedding_dim] (what a frozen backbone feeds the head)."""
+    graphdef, state = nnx.split(_eval_copy(backbone))
+    return _run_batched(_embeddings, graphdef, state, waveforms, batch_size, (backbone.config.embedding_dim,))
+
+
+# ----------------------------------------------------------------------------- training
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pos_weight: float):
+    """`train_step(state, batch) -> (state, metrics)`, pure and jitted with the state donated.
+
+    state = (params, rest, opt_state): the trainable nnx.Params, every other variable of the
+    module (running statistics, RNG streams), the optimizer state. batch = (inputs, labels).
+    """
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def train_step(state, batch):
+        params, rest, opt_state = state
+        inputs, labels = batch
+
+        def loss_fn(params):
+            module = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables in this trace
+            logits = module(inputs)
+            logits = logits[:, 0] if logits.ndim == 2 else logits  # the bare head returns [B, 1]
+            _, _, new_rest = nnx.split(module, nnx.Param, ...)
+            return bce_loss(logits, labels, pos_weight), new_rest
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return (params, rest, opt_state), {"loss": loss, "grad_norm": grad_norm}
+
+    return train_step
+
+
+def train_switch(config: SwitchConfig, waveforms, labels, *, sample_rate: int | None = None,
+                 eval_waveforms=None, eval_labels=None, backbone: Cnn14 | None = None,
+                 log: Callable[[str], None] | None = None) -> tuple[Switch, dict[str, Any]]:
+    """Train a switch on clips and 0/1 labels; returns (switch in eval mode, report).
+
+    backbone: a (pretrained, e.g. `load_pann`) Cnn14 to start from; default: random init. With
+      finetune="full" it is trained in place (pass `nnx.clone(backbone)` to keep the original).
+    sample_rate: the clips' rate, when it differs from the backbone's (they are resampled).
+    The report holds pos_weight, the loss per epoch, and `binary_metrics` on the training
+    clips and, when given, on the evaluation clips, at `config.threshold`.
+    """
+    x = _as_batch(waveforms, config, sample_rate)
+    y = _column("labels", labels, len(x)).astype(np.int32)
+    balancing = imbalance_weight(y)  # also checks the labels are 0/1 with both classes present
+    pos_weight = config.pos_weight if config.pos_weight is not None else balancing
+    switch = Switch(config, rngs=default_rngs(config.seed), backbone=backbone)
+    tx = optax.adam(config.learning_rate)
+
+    if config.finetune == "head":  # frozen backbone: its eval-mode embeddings never change
+        switch.backbone.eval()
+        inputs = embeddings(switch.backbone, x, batch_size=config.batch_size)
+        trained = switch.head
+    else:
+        switch.train()
+        inputs = x
+        trained = switch
+    graphdef, params, rest = nnx.split(trained, nnx.Param, ...)
+    state = (params, rest, tx.init(params))
+    step = make_train_step(graphdef, tx, pos_weight)
+    order = np.random.RandomState(config.seed)
+    history = []
+    for epoch in range(config.epochs):
+        perm = order.permutation(len(x))
+        losses = []
+        for index, _ in _batches(len(x), config.batch_size):
+            state, metrics = step(state, (jnp.asarray(inputs[perm[index]]), jnp.asarray(y[perm[index]])))
+            losses.append(float(metrics["loss"]))
+        history.append(float(np.mean(losses)))
+        if log:
+            log(f"switch epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
+    nnx.update(trained, state[0], state[1])
+    switch.eval()
+
+    predict = make_predict(switch, batch_size=config.batch_size)
+    report = dict(pos_weight=float(pos_weight), loss=history,
+                  train=binary_metrics(y, predict(x), config.threshold))
+    if eval_waveforms is not None:
+        ex = _as_batch(eval_waveforms, config, sample_rate)
+        report["eval"] = binary_metrics(_column("eval_labels", eval_labels, len(ex)), predict(ex), config.threshold)
+    return switch, report
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_switch(switch: Switch, directory: str) -> str:
+    """Write `switch_config.json` and an orbax checkpoint of the parameters and running statistics."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "switch_config.json"), "w") as f:
+        json.dump(switch.config.to_dict(), f, indent=1, sort_keys=True)
+    weights = nnx.to_pure_dict(nnx.state(switch, (nnx.Param, nnx.BatchStat)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(directory, "state"), weights, force=True)
+    return directory
+
+
+def restore_switch(directory: str) -> Switch:
+    """The switch saved by `save_switch`, in eval mode (dropout streams restart from config.seed)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    config_file = os.path.join(directory, "switch_config.json")
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(f"{directory}: no switch_config.json (not a save_switch directory)")
+    with open(config_file) as f:
+        config = SwitchConfig.from_dict(json.load(f))
+    abstract = nnx.eval_shape(lambda: Switch(config, rngs=default_rngs(config.seed)))
+    graphdef, weights, _ = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(weights))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(directory, "state"), target)
+    nnx.replace_by_pure_dict(weights, restored)
+    rngs = jax.jit(lambda: nnx.state(Switch(config, rngs=default_rngs(config.seed)), nnx.RngState))()
+    switch = nnx.merge(graphdef, weights, rngs)
+    switch.eval()
+    return switch
+
+
+__all__ = ["SwitchConfig", "Switch", "sample_labels", "class_labels", "make_labels", "correct", "imbalance_weight",
+           "bce_loss", "binary_metrics", "make_predict", "embeddings", "make_train_step", "train_switch",
+           "save_switch", "restore_switch"]
