@@ -4,19 +4,18 @@ import json
 import os
 
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
 
 from distill_jax.train.metrics import MetricWriter
 
 
 def test_event_file_and_jsonl_round_trip(tmp_path):
-    loader_mod = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader",
-                                     reason="tensorboard is a test requirement")
     writer = MetricWriter(str(tmp_path))
     writer.write(1, {"loss": 2.5, "train/lr": 1e-4})
     writer.write(2, {"loss": float("nan")})
     writer.close()
     (events,) = glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
-    read = list(loader_mod.LegacyEventFileLoader(events).Load())  # raw events, no data_compat migration
+    read = list(event_file_loader.LegacyEventFileLoader(events).Load())  # raw events, no data_compat migration
     assert read[0].file_version == "brain.Event:2"
     scalars = [(e.step, v.tag, v.simple_value) for e in read[1:] for v in e.summary.value]
     assert scalars[:2] == [(1, "loss", 2.5), (1, "train/lr", pytest.approx(1e-4))]
