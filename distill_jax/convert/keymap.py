@@ -93,6 +93,19 @@ class KeyMap:
         return any(re.search(p, key) for p in self.ignore)
 
 
+def raise_on_mismatch(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    """CheckpointMismatchError listing every missing, unexpected and mis-shaped key, if there is any."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if mismatched:
+        parts.append(f"mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
+    if parts:
+        raise CheckpointMismatchError(f"{what}: " + " | ".join(parts))
+
+
 def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
@@ -125,15 +138,7 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
             continue
         plan.append((path, var, key, fn))
     unexpected = sorted(k for k in ckpt.keys() if k not in used and not key_map.ignored(k))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if mismatched:
-            parts.append(f"mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
-        raise CheckpointMismatchError("checkpoint does not match the model: " + " | ".join(parts))
+    raise_on_mismatch("checkpoint does not match the model", missing, unexpected, mismatched)
 
     specs = sharding_lib.param_partition_specs(state, mesh) if mesh is not None else None
     spec_of = dict(nnx.to_flat_state(specs)) if specs is not None else {}

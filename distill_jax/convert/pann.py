@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from distill_jax import sharding as sharding_lib
-from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, identity
+from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, identity, raise_on_mismatch
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.torch_pickle import read_pth
 from distill_jax.models.cnn14 import NUM_BLOCKS, Cnn14, Cnn14Config, default_rngs, mel_filters, stft_basis
@@ -147,15 +147,7 @@ def _plan(abstract: Cnn14, keys, shape_of, path: str):
     front = {STFT_REAL, STFT_IMAG, MEL}
     missing += [f"{k} (front-end constant)" for k in sorted(front) if k not in keys]
     unexpected = sorted(k for k in keys if k not in used and k not in front and not KEY_MAP.ignored(k))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if mismatched:
-            parts.append(f"mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
-        raise CheckpointMismatchError(f"{path}: checkpoint does not match Cnn14: " + " | ".join(parts))
+    raise_on_mismatch(f"{path}: checkpoint does not match Cnn14", missing, unexpected, mismatched)
     return plan
 
 
