@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipelines import audio
+from data_pipelines import audio, vision
 from data_pipelines.pipeline import Pad
 from distill_jax import prompts
 
@@ -62,3 +62,45 @@ class Qwen2AudioTransform:
         ids = prompts.encode_qwen2_audio(self.tokenizer, question, num_tokens, system=self.system)
         return {"input_features": features, "feature_attention_mask": mask,
                 "input_ids": np.asarray(ids, np.int32)}
+
+
+class Qwen2VLTransform:
+    """Frames sampled at `config.fps`, Qwen2-VL preprocessing, and the multiple-choice video prompt.
+
+    Output: pixel_values_videos float32 [t*h*w, 1176], video_grid_thw int64 [3] and input_ids
+    int32 with t*h*w / 4 <|video_pad|> tokens. Clips of one split share frame size and length
+    (the converter makes them so), so a batch stacks them; `qwen2_vl_model_inputs` packs a
+    batch into the model's call. `padding()` left-pads input_ids as for audio.
+    """
+
+    def __init__(self, tokenizer_dir: str, *, config: vision.VisionPreprocessConfig = vision.VisionPreprocessConfig(),
+                 question_template: str = prompts.DEFAULT_QUESTION, system: str | None = prompts.DEFAULT_SYSTEM):
+        self.tokenizer_dir, self.config = str(tokenizer_dir), config
+        self.question_template, self.system = question_template, system
+        self._tokenizer = None
+
+    tokenizer = Qwen2AudioTransform.tokenizer
+    __getstate__ = Qwen2AudioTransform.__getstate__
+    padding = Qwen2AudioTransform.padding
+
+    def __call__(self, example: dict) -> dict:
+        try:
+            pixels, grid = vision.preprocess_video(example["frames"], source_fps=example["fps"], config=self.config)
+        except ValueError as e:
+            raise ValueError(f"clip {example['clip_id']}: {e}") from e
+        question = prompts.format_question(example["options"], self.question_template)
+        ids = prompts.encode_qwen2_vl(self.tokenizer, question, vision.num_vision_tokens(grid, self.config.merge_size),
+                                      kind="video", system=self.system)
+        return {"pixel_values_videos": pixels, "video_grid_thw": np.asarray(grid, np.int64),
+                "input_ids": np.asarray(ids, np.int32)}
+
+
+def qwen2_vl_model_inputs(batch: dict) -> dict:
+    """A batch of `Qwen2VLTransform` outputs -> the Qwen2-VL call's inputs (packed patches, one grid per clip)."""
+    grids = np.asarray(batch["video_grid_thw"])
+    if (grids != grids[0]).any():
+        raise ValueError(f"clips of one batch have different video grids {sorted({tuple(g) for g in grids})}: "
+                         "convert the split with one frame size and clip length")
+    pixels = np.asarray(batch["pixel_values_videos"])
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "pixel_values_videos": pixels.reshape(-1, pixels.shape[-1]), "video_grid_thw": grids}
