@@ -1,0 +1,75 @@
+"""Evaluate: every clip of a split scored by letter logits, accuracy overall and per class, and the
+modality-gap table (per class: audio model, visual model, difference).
+
+Per-clip answers are saved as JSON lines (clip id, true class, the answer letter's index, the
+ten letter logits, the predicted index), so later stages (switch labels, distillation
+targets, the report) read them instead of scoring again.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from distill_jax.decoding import score_choices
+
+
+def score_batches(model, batches: Iterable[dict], letter_token_ids: Sequence[int],
+                  model_inputs: Callable[[dict], dict]) -> list[dict]:
+    """One record per valid clip: {clip_id, label, answer, letter_logits, predicted}."""
+    records = []
+    for batch in batches:
+        logits = np.asarray(score_choices(model, model_inputs(batch), letter_token_ids), np.float32)
+        for row in np.flatnonzero(np.asarray(batch["valid"])):
+            records.append({"clip_id": str(batch["clip_id"][row]), "label": int(batch["label"][row]),
+                            "answer": int(batch["answer"][row]), "letter_logits": logits[row].tolist(),
+                            "predicted": int(np.argmax(logits[row]))})
+    return records
+
+
+def accuracy(records: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """{"overall": acc, "num_clips": n, "per_class": {name: {"accuracy", "correct", "total"}}} (classes seen)."""
+    if not records:
+        raise ValueError("no scored clips: is the split empty?")
+    correct = np.asarray([r["predicted"] == r["answer"] for r in records])
+    labels = np.asarray([r["label"] for r in records])
+    per_class = {}
+    for index in np.unique(labels):
+        hits = correct[labels == index]
+        per_class[class_names[index]] = {"accuracy": float(hits.mean()), "correct": int(hits.sum()),
+                                         "total": int(hits.size)}
+    return {"overall": float(correct.mean()), "num_clips": int(correct.size), "per_class": per_class}
+
+
+def modality_gap(audio: dict, visual: dict) -> list[dict]:
+    """Per class seen by both: audio and visual accuracy and visual - audio, largest gap first."""
+    rows = [{"class": name, "audio": audio["per_class"][name]["accuracy"],
+             "visual": visual["per_class"][name]["accuracy"]}
+            for name in audio["per_class"] if name in visual["per_class"]]
+    for row in rows:
+        row["difference"] = row["visual"] - row["audio"]
+    return sorted(rows, key=lambda r: (-r["difference"], r["class"]))
+
+
+def write_records(path: str, records: Sequence[dict]) -> None:
+    """JSON lines, written atomically (a finished file is complete)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A markdown table; floats as percentages with one decimal."""
+    fmt = lambda v: f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
