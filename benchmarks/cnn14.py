@@ -12,21 +12,20 @@ Prints a table and appends a JSON line to benchmarks/results.jsonl.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import site
 import sys
 import tempfile
 import time
-import types
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from panns_reference import panns_models  # noqa: E402
 from common import append_result, machine, median_ms, print_table, time_steps, versions  # noqa: E402
 from distill_jax.convert import load_pann  # noqa: E402
 from distill_jax.models.cnn14 import Cnn14Config  # noqa: E402
@@ -41,20 +40,6 @@ def parse_args():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     return p.parse_args()
-
-
-def panns_models():
-    """panns_inference/models.py loaded by file path (importing the package runs `wget`)."""
-    folder = next(os.path.join(p, "panns_inference") for p in site.getsitepackages() + [site.getusersitepackages()]
-                  if os.path.exists(os.path.join(p, "panns_inference", "models.py")))
-    package = types.ModuleType("_panns_reference")
-    package.__path__ = [folder]
-    sys.modules["_panns_reference"] = package
-    spec = importlib.util.spec_from_file_location("_panns_reference.models", os.path.join(folder, "models.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_panns_reference.models"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @partial(jax.jit, static_argnums=0)

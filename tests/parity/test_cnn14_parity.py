@@ -6,11 +6,7 @@ but non-trivial BatchNorm statistics; two waveform lengths each, kept short (1 s
 Measured on a 2-core CPU: max |diff| clipwise_output ~6e-6, embedding ~3e-5 (embedding
 values up to ~8); the bound is 1e-4.
 """
-import importlib.util
 import os
-import site
-import sys
-import types
 from functools import partial
 
 import jax
@@ -18,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from panns_reference import panns_models
 
 from distill_jax.convert import load_pann
 from distill_jax.models.cnn14 import Cnn14Config
@@ -29,22 +26,6 @@ PANN_ARGS = {  # panns_inference's Cnn14 constructor arguments (its config.py / 
     "cnn14_16k": dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=64, fmin=50, fmax=8000,
                       classes_num=527),
 }
-
-
-def panns_models():
-    """panns_inference/models.py loaded by file path (importing the package runs `wget`)."""
-    if "_panns_reference.models" in sys.modules:
-        return sys.modules["_panns_reference.models"]
-    folder = next(os.path.join(p, "panns_inference") for p in site.getsitepackages() + [site.getusersitepackages()]
-                  if os.path.exists(os.path.join(p, "panns_inference", "models.py")))
-    package = types.ModuleType("_panns_reference")  # lets models.py's `from .pytorch_utils import` resolve
-    package.__path__ = [folder]
-    sys.modules["_panns_reference"] = package
-    spec = importlib.util.spec_from_file_location("_panns_reference.models", os.path.join(folder, "models.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_panns_reference.models"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def randomize_batch_norms(model: torch.nn.Module, calibration: torch.Tensor, seed: int) -> None:
