@@ -20,19 +20,14 @@ from distill_jax import prompts
 _LOAD_LOCK = threading.Lock()
 
 
-class Qwen2AudioTransform:
-    """Log-mel features + the Qwen2-Audio multiple-choice prompt of one clip.
+class PromptTransform:
+    """What every model transform shares: a tokenizer loaded lazily in each process (Grain
+    pickles transforms into its workers without it), the question wording, and the
+    left-padding of input_ids (answer letters are scored at the last position)."""
 
-    Output: input_features float32 [128, T], feature_attention_mask int32 [T] (T = max_seconds
-    * 100, 3000 for the 30 s window every Qwen2-Audio clip is padded to) and input_ids int32
-    [prompt length] with one <|AUDIO|> per audio-encoder output frame. `padding()` left-pads
-    input_ids in the batch (answer letters are scored at the last position) and adds
-    attention_mask. The tokenizer is loaded from `tokenizer_dir` in each process on first use.
-    """
-
-    def __init__(self, tokenizer_dir: str, *, max_seconds: float = audio.MAX_SECONDS,
-                 question_template: str = prompts.DEFAULT_QUESTION, system: str | None = prompts.DEFAULT_SYSTEM):
-        self.tokenizer_dir, self.max_seconds = str(tokenizer_dir), max_seconds
+    def __init__(self, tokenizer_dir: str, *, question_template: str = prompts.DEFAULT_QUESTION,
+                 system: str | None = prompts.DEFAULT_SYSTEM):
+        self.tokenizer_dir = str(tokenizer_dir)
         self.question_template, self.system = question_template, system
         self._tokenizer = None
 
@@ -51,6 +46,20 @@ class Qwen2AudioTransform:
         return {"input_ids": Pad(tuple(buckets), value=self.tokenizer.pad_token_id, side="left",
                                  mask_key="attention_mask")}
 
+
+class Qwen2AudioTransform(PromptTransform):
+    """Log-mel features + the Qwen2-Audio multiple-choice prompt of one clip.
+
+    Output: input_features float32 [128, T], feature_attention_mask int32 [T] (T = max_seconds
+    * 100, 3000 for the 30 s window every Qwen2-Audio clip is padded to) and input_ids int32
+    [prompt length] with one <|AUDIO|> per audio-encoder output frame; `padding()` left-pads
+    input_ids and adds attention_mask.
+    """
+
+    def __init__(self, tokenizer_dir: str, *, max_seconds: float = audio.MAX_SECONDS, **prompt_kw):
+        super().__init__(tokenizer_dir, **prompt_kw)
+        self.max_seconds = max_seconds
+
     def __call__(self, example: dict) -> dict:
         try:
             features, mask = audio.log_mel_features(example["audio"], sample_rate=example["sample_rate"],
@@ -64,7 +73,7 @@ class Qwen2AudioTransform:
                 "input_ids": np.asarray(ids, np.int32)}
 
 
-class Qwen2VLTransform:
+class Qwen2VLTransform(PromptTransform):
     """Frames sampled at `config.fps`, Qwen2-VL preprocessing, and the multiple-choice video prompt.
 
     Output: pixel_values_videos float32 [t*h*w, 1176], video_grid_thw int64 [3] and input_ids
@@ -74,14 +83,9 @@ class Qwen2VLTransform:
     """
 
     def __init__(self, tokenizer_dir: str, *, config: vision.VisionPreprocessConfig = vision.VisionPreprocessConfig(),
-                 question_template: str = prompts.DEFAULT_QUESTION, system: str | None = prompts.DEFAULT_SYSTEM):
-        self.tokenizer_dir, self.config = str(tokenizer_dir), config
-        self.question_template, self.system = question_template, system
-        self._tokenizer = None
-
-    tokenizer = Qwen2AudioTransform.tokenizer
-    __getstate__ = Qwen2AudioTransform.__getstate__
-    padding = Qwen2AudioTransform.padding
+                 **prompt_kw):
+        super().__init__(tokenizer_dir, **prompt_kw)
+        self.config = config
 
     def __call__(self, example: dict) -> dict:
         try:
