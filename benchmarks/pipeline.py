@@ -20,7 +20,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
@@ -30,6 +29,7 @@ from data_pipelines import media, tfrecord  # noqa: E402
 from data_pipelines import toy_world as tw  # noqa: E402
 from data_pipelines.pipeline import PipelineConfig, make_dataset  # noqa: E402
 from data_pipelines.transforms import Qwen2AudioTransform  # noqa: E402
+from distill_jax.toy_tokenizer import make_qwen2_tokenizer  # noqa: E402
 
 CLASSES = [c.name for c in tw.CLASSES]
 
@@ -94,7 +94,7 @@ def main():
     args = p.parse_args()
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
 
-    from tiny_tokenizer import make_qwen2_tokenizer
+
 
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""10-way multiple-choice questions: the true class plus distractors, lettered A..J.
+"""Multiple-choice questions (10-way in the paper): the true class plus distractors, lettered A, B, ...
 
 The options of a clip depend only on (seed, clip id, true class, class list, strategy): the
 RNG is seeded with a SHA-256 of the seed and the clip id (never Python's salted `hash`), so
@@ -10,6 +10,10 @@ Strategies:
                  classes most often confused with it, e.g. from a confusion matrix), then, if
                  that list is short, uniformly from the rest.
 The options are then shuffled, and `answer` is the position of the true class.
+    "fixed"      every question lists all the classes in class-list order (num_options must be
+                 the number of classes), so the answer letter is a function of the class alone.
+                 The toy world uses it: its tiny models, trained from scratch on a CPU, cannot
+                 learn the in-context lookup of a class among shuffled options in minutes.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 
 from distill_jax.prompts import DEFAULT_QUESTION, LETTERS, format_question
 
-STRATEGIES = ("uniform", "confusion")
+STRATEGIES = ("uniform", "confusion", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,7 @@ class QuestionMaker:
 
     Args:
         class_names: the class list the options come from (distinct names).
-        num_options: options per question, 2..10 (default 10: the true class + 9 distractors).
+        num_options: options per question, 2..26 (default 10: the true class + 9 distractors).
         strategy: "uniform" or "confusion" (see the module docstring).
         confusions: for "confusion", class -> ordered confusable classes (all in `class_names`).
         seed: changes every question at once; the default 0 is the published question set.
@@ -68,6 +72,9 @@ class QuestionMaker:
                              f"{len(self.class_names)} classes")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "fixed" and num_options != len(self.class_names):
+            raise ValueError(f"strategy='fixed' lists every class: num_options must be {len(self.class_names)}, "
+                             f"got {num_options}")
         if strategy == "confusion" and confusions is None:
             raise ValueError("strategy='confusion' needs a `confusions` mapping")
         self._index = {name: i for i, name in enumerate(self.class_names)}
@@ -83,6 +90,8 @@ class QuestionMaker:
         if true_class not in self._index:
             raise ValueError(f"clip {clip_id}: label {true_class!r} is not in the class list "
                              f"({len(self.class_names)} classes)")
+        if self.strategy == "fixed":
+            return Question(options=self.class_names, answer=self._index[true_class])
         rng = clip_rng(clip_id, self.seed)
         needed = self.num_options - 1
         distractors = []

@@ -26,7 +26,8 @@ import numpy as np
 DEFAULT_QUESTION = (
     "Classify the sounding object into one of the categories below:\n{options}\nAnswer with the letter only."
 )
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters; a question uses the first num_options
+NUM_OPTIONS = 10  # the paper's 10-way questions
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # Qwen2-Audio special tokens (Qwen2AudioProcessor's defaults).
@@ -52,7 +53,7 @@ def format_question(options: Sequence[str], question_template: str = DEFAULT_QUE
     """The question with `options` rendered as lines "A. dog barking", "B. ...", ...
 
     `question_template` is a format string with one `{options}` field (the option lines joined
-    by newlines). 2 to 10 distinct, non-empty options.
+    by newlines). 2 to 26 distinct, non-empty options (the paper asks 10).
     """
     if isinstance(options, str):
         raise TypeError("options must be a sequence of option names, not a single string")
@@ -166,8 +167,8 @@ def encode_qwen2_vl(tokenizer, question: str, num_vision_tokens: int, kind: str 
     return encode_prompt(tokenizer, text, expect={pad: int(num_vision_tokens)})
 
 
-def letter_token_ids(tokenizer, letters: Sequence[str] | str = LETTERS) -> list[int]:
-    """The id of each answer letter as the first answer token (right after "assistant\\n", so
+def letter_token_ids(tokenizer, letters: Sequence[str] | str = LETTERS[:NUM_OPTIONS]) -> list[int]:
+    """The id of each answer letter (by default A..J) as the first answer token (right after "assistant\\n", so
     without a leading space). Raises ValueError if a letter is not exactly one token."""
     ids = []
     for letter in letters:

@@ -17,7 +17,7 @@ from data_pipelines.pipeline import Pad, PadBatch, PipelineConfig, make_dataset,
 from data_pipelines.questions import QuestionMaker
 from data_pipelines.transforms import Qwen2AudioTransform
 from distill_jax import prompts, sharding
-from tiny_tokenizer import make_qwen2_tokenizer
+from distill_jax.toy_tokenizer import make_qwen2_tokenizer
 
 NUM_CLIPS = 37
 CLASSES = [f"class {i:02d}" for i in range(12)]

@@ -8,7 +8,7 @@ import transformers
 
 from data_pipelines.audio import num_audio_tokens
 from distill_jax import prompts
-from tiny_tokenizer import SPECIAL_TOKENS, make_qwen2_tokenizer
+from distill_jax.toy_tokenizer import SPECIAL_TOKENS, make_qwen2_tokenizer
 
 SR = 16000
 OPTIONS = ["dog barking", "cat meowing", "baby crying", "church bell ringing", "playing acoustic guitar",
@@ -164,7 +164,7 @@ def test_format_question():
 @pytest.mark.parametrize("options,template,match", [
     (["dog"], prompts.DEFAULT_QUESTION, "at least 2"),
     ([], prompts.DEFAULT_QUESTION, "at least 2"),
-    ([f"class {i}" for i in range(11)], prompts.DEFAULT_QUESTION, "at most 10"),
+    ([f"class {i}" for i in range(27)], prompts.DEFAULT_QUESTION, "at most 26"),
     (["dog", ""], prompts.DEFAULT_QUESTION, r"option 1 \(B\) is empty"),
     (["dog", "   "], prompts.DEFAULT_QUESTION, "empty"),
     (["dog", "cat", "dog"], prompts.DEFAULT_QUESTION, "duplicate option 'dog'"),

@@ -75,6 +75,16 @@ def test_fewer_options():
     assert sorted(q.options) == sorted(CLASSES[:4]) and q.options[q.answer] == CLASSES[2]
 
 
+def test_fixed_lists_every_class_in_order():
+    maker = QuestionMaker(CLASSES[:20], num_options=20, strategy="fixed")
+    for i, true in enumerate(CLASSES[:20]):
+        q = maker(f"clip{i}", true)
+        assert q.options == tuple(CLASSES[:20]) and q.answer == i and q.answer_letter == LETTERS[i]
+    assert "T. " + CLASSES[19] in q.text()
+    with pytest.raises(ValueError, match="num_options must be 20"):
+        QuestionMaker(CLASSES[:20], num_options=10, strategy="fixed")
+
+
 def test_bad_input_is_named():
     maker = QuestionMaker(CLASSES)
     with pytest.raises(ValueError, match=r"clip x: label 'dog' is not in the class list"):

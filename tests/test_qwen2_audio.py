@@ -15,7 +15,7 @@ from distill_jax.convert import load_hf
 from distill_jax.decoding import score_choices
 from distill_jax.models.qwen2_audio import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
                                             short_clip_frames)
-from tiny_tokenizer import make_qwen2_tokenizer
+from distill_jax.toy_tokenizer import make_qwen2_tokenizer
 
 # Qwen2-Audio-7B-Instruct's published config.json (text_config omits hidden size and layer counts).
 PUBLISHED_7B = {

@@ -12,7 +12,7 @@ from distill_jax import prompts, sharding
 from distill_jax.convert import load_hf
 from distill_jax.decoding import score_choices
 from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-from tiny_tokenizer import make_qwen2_tokenizer
+from distill_jax.toy_tokenizer import make_qwen2_tokenizer
 
 # Qwen2-VL-7B-Instruct's published config.json (flat text keys, rope_scaling of type "mrope").
 PUBLISHED_7B = {

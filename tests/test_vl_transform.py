@@ -13,7 +13,7 @@ from distill_jax import prompts
 from distill_jax.decoding import score_choices
 from distill_jax.models.qwen2 import Qwen2Config
 from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLVisionConfig
-from tiny_tokenizer import make_qwen2_tokenizer
+from distill_jax.toy_tokenizer import make_qwen2_tokenizer
 
 CLASSES = [f"class {i:02d}" for i in range(12)]
 

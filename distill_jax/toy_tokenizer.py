@@ -1,4 +1,4 @@
-"""A tiny, offline Qwen2-style tokenizer for tests.
+"""A tiny, offline Qwen2-style tokenizer for tests and the toy world.
 
 `make_qwen2_tokenizer(path)` trains a byte-level BPE (the same normalizer, pre-tokenizer
 regex and decoder as Qwen2's tokenizer) on a small built-in corpus, adds Qwen2's special
@@ -6,12 +6,17 @@ tokens after the learned vocabulary (as Qwen2 numbers them: after the BPE ids), 
 directory that `transformers.AutoTokenizer.from_pretrained` loads as a `Qwen2Tokenizer`, with
 Qwen2-Audio-Instruct's chat template in `chat_template.jinja`.
 
-The output is deterministic: the same bytes on every call, in every process.
+The toy world's tokenizer (`make_qwen2_tokenizer(path, words=class names, vocab_size=1024)`)
+adds its class names to the corpus with room for every word to become one token, so its
+prompts stay short (the tiny LMs' cost is proportional to the prompt length).
+
+The output is deterministic: the same bytes for the same arguments, in every process.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -77,7 +82,7 @@ _CORPUS = [
 BPE_VOCAB_SIZE = 384  # 256 byte symbols + 128 merges; the special tokens come on top.
 
 
-def _build() -> Tokenizer:
+def _build(corpus: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -88,19 +93,26 @@ def _build() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer, length=len(_CORPUS) * 4)
+    tok.train_from_iterator(corpus * 4, trainer=trainer, length=len(corpus) * 4)
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok
 
 
-def make_qwen2_tokenizer(path) -> str:
-    """Write a tiny Qwen2 tokenizer directory at `path` (created if needed); returns the path."""
+def make_qwen2_tokenizer(path, *, words: Sequence[str] = (), vocab_size: int = BPE_VOCAB_SIZE) -> str:
+    """Write a tiny Qwen2 tokenizer directory at `path` (created if needed); returns the path.
+
+    `words`: extra corpus lines (e.g. class names, also as "A. name" option lines);
+    `vocab_size`: BPE symbols before the special tokens (256 bytes + merges).
+    """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tok = _build()
-    for letter in "ABCDEFGHIJ":
+    corpus = list(_CORPUS)
+    for word in words:
+        corpus += [word, *(f"{letter}. {word}" for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ")]
+    tok = _build(corpus, vocab_size)
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
         ids = tok.encode(letter, add_special_tokens=False).ids
         assert len(ids) == 1, (letter, ids)
     tok.save(os.path.join(path, "tokenizer.json"), pretty=True)
