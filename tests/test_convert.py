@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from distill_jax.convert import CheckpointMismatchError, load_hf
+from distill_jax.convert import CheckpointMismatchError, load_hf, save_hf
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 
 
@@ -96,3 +96,26 @@ def test_bad_directories_are_named(tiny_qwen2_dir, tmp_path):
     (other / "model.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(ValueError, match="not a safetensors file"):
         load_hf(str(other))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_qwen2_audio_dir", "tiny_qwen2_vl_dir"])
+def test_save_hf_writes_the_checkpoint_it_loaded(fixture, request, tmp_path):
+    """load_hf -> save_hf gives back the transformers checkpoint key for key, value for value
+    (incl. Qwen2-VL's Conv3d patch embedding), so our models load in transformers and back."""
+    made = request.getfixturevalue(fixture)
+    src = (made(tie_word_embeddings=True) if callable(made) else made)[0]
+    out = save_hf(load_hf(src), str(tmp_path / "out"))
+    original = {}
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            original.update(load_file(os.path.join(src, name)))
+    written = load_file(os.path.join(out, "model.safetensors"))
+    ignorable = [k for k in original if k.endswith("rotary_emb.inv_freq")
+                 or (k == "lm_head.weight" and k not in written)]
+    assert sorted(written) == sorted(k for k in original if k not in ignorable)
+    for key, value in written.items():
+        np.testing.assert_array_equal(value, original[key].astype(np.float32), err_msg=key)
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == \
+        json.load(open(os.path.join(src, "config.json")))["model_type"]
+    reloaded = load_hf(out)  # and it loads back through the same path
+    assert reloaded.config == load_hf(src).config

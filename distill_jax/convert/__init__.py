@@ -1,13 +1,17 @@
-"""Checkpoint conversion: Hugging Face (and later PANN) checkpoints -> Flax NNX models.
+"""Checkpoint conversion: Hugging Face (and PANN) checkpoints <-> Flax NNX models.
 
 `load_hf(path)` reads `config.json`, picks the model family from `model_type`,
 builds the model abstractly (no memory), and streams every tensor of the
 safetensors checkpoint into its (sharded) place through the family's key map.
+`save_hf(model, path)` writes the reverse (config.json + model.safetensors in the hub's
+key names), so models trained here (the toy world's warm start) load through the same
+`load_hf` path as real checkpoints, and in transformers.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,6 +55,11 @@ def _conv3d_as_matmul(x):
     return x.reshape(x.shape[0], -1).T
 
 
+def _matmul_as_conv3d(vision: qwen2_vl.Qwen2VLVisionConfig):
+    shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size)
+    return lambda x: x.T.reshape(shape)
+
+
 def _qwen2_vl_key_map(config: qwen2_vl.Qwen2VLConfig) -> KeyMap:
     ignore = [r"\.rotary_emb\.inv_freq$"]
     if config.text.tie_word_embeddings:
@@ -62,6 +71,7 @@ def _qwen2_vl_key_map(config: qwen2_vl.Qwen2VLConfig) -> KeyMap:
                   ("language_model.lm_head", ("lm_head",))),
         ignore=tuple(ignore),
         transforms={r"visual\.patch_embed\.proj\.kernel": _conv3d_as_matmul},
+        inverse_transforms={r"visual\.patch_embed\.proj\.kernel": _matmul_as_conv3d(config.vision)},
         peft_prefixes=(("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
                        ("visual.", "model.visual.")))
 
@@ -121,5 +131,38 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None) -> nnx.Mo
     return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)
 
 
-__all__ = ["CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES",
+def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -> str:
+    """Write `model`'s base parameters as a Hugging Face checkpoint directory (float32).
+
+    LoRA adapters are not written (export them with `models.lora.export_peft`); tied
+    embeddings are written once. `tokenizer_dir`'s files are copied alongside, so the
+    directory is self-contained like a hub checkpoint. Written atomically: a directory with
+    config.json is complete.
+    """
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    key_map = key_map_for(model)
+    tensors = {}
+    for key_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if isinstance(var, nnx.LoRAParam):
+            continue
+        key, fn = key_map.checkpoint_key(".".join(str(p) for p in key_path))
+        tensors[key] = np.ascontiguousarray(fn(np.asarray(var.get_value(), np.float32)))
+    tmp = os.path.abspath(path) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in os.listdir(tokenizer_dir):
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["save_hf", "CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES",
            "load_pann"]

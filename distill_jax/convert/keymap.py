@@ -60,6 +60,7 @@ class KeyMap:
     ignore: Sequence[str] = ()
     leaves: dict[str, tuple[str, Transform]] = field(default_factory=lambda: dict(LEAVES))
     transforms: dict[str, Transform] = field(default_factory=dict)  # our-path regex -> transform override
+    inverse_transforms: dict[str, Transform] = field(default_factory=dict)  # the same paths, ours -> checkpoint
     # Module names of the transformers model object (what PEFT wraps), where they differ from
     # the checkpoint keys (transformers 5 nests e.g. Qwen2-Audio's LM as `model.language_model`).
     peft_prefixes: Sequence[tuple[str, str]] | None = None
@@ -88,6 +89,21 @@ class KeyMap:
         hf_leaf, fn = self.leaves[leaf]
         fn = next((t for pattern, t in self.transforms.items() if re.fullmatch(pattern, path)), fn)
         return [f"{m}.{hf_leaf}" for m in self.hf_modules(module)], fn
+
+    def checkpoint_key(self, path: str) -> tuple[str, Transform]:
+        """The key our parameter `path` is written under (the first alternative) and the
+        transform from our layout back to the checkpoint's (for `save_hf`)."""
+        module, _, leaf = path.rpartition(".")
+        if leaf not in self.leaves:
+            raise KeyError(f"{path}: no key-map rule for leaf {leaf!r}")
+        hf_leaf, fn = self.leaves[leaf]
+        if fn not in (identity, transpose):
+            raise ValueError(f"{path}: leaf transform {fn.__name__} has no known inverse")
+        if any(re.fullmatch(pattern, path) for pattern in self.transforms):
+            fn = next((t for pattern, t in self.inverse_transforms.items() if re.fullmatch(pattern, path)), None)
+            if fn is None:
+                raise ValueError(f"{path}: its transform has no inverse in the key map")
+        return f"{self.hf_modules(module)[0]}.{hf_leaf}", fn
 
     def ignored(self, key: str) -> bool:
         return any(re.search(p, key) for p in self.ignore)
