@@ -108,3 +108,20 @@ def qwen2_vl_model_inputs(batch: dict) -> dict:
     pixels = np.asarray(batch["pixel_values_videos"])
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "pixel_values_videos": pixels.reshape(-1, pixels.shape[-1]), "video_grid_thw": grids}
+
+
+class WaveformTransform:
+    """The clip's mono waveform cut or zero-padded to `seconds` (the switch's input): waveform
+    float32 [seconds * sample_rate], num_samples int32 (real samples before padding)."""
+
+    def __init__(self, seconds: float, sample_rate: int = audio.SAMPLE_RATE):
+        self.length, self.sample_rate = int(round(seconds * sample_rate)), sample_rate
+
+    def __call__(self, example: dict) -> dict:
+        if example["sample_rate"] != self.sample_rate:
+            raise ValueError(f"clip {example['clip_id']}: audio at {example['sample_rate']} Hz, "
+                             f"expected {self.sample_rate}")
+        samples = np.asarray(example["audio"], np.float32)[:self.length]
+        waveform = np.zeros(self.length, np.float32)
+        waveform[:len(samples)] = samples
+        return {"waveform": waveform, "num_samples": np.int32(len(samples))}

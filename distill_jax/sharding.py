@@ -158,9 +158,16 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
+def abstract_model(factory):
+    """nnx.eval_shape(factory) with any ambient mesh hidden: under `jax.set_mesh`, flax would
+    turn the logical axis names of the parameters into mesh shardings unmapped (and fail)."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(factory)
+
+
 def create_sharded(factory, mesh: Mesh):
     """Build `factory()` (an nnx.Module) directly sharded on `mesh`, never whole on one device."""
-    abstract = nnx.eval_shape(factory)
+    abstract = abstract_model(factory)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh)
 

@@ -23,6 +23,7 @@ from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, load_sta
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.pann import load_pann  # PANN Cnn14 .pth / safetensors -> models.cnn14.Cnn14
 from distill_jax.models import qwen2, qwen2_audio, qwen2_vl
+from distill_jax.sharding import abstract_model
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None) -> nnx.Mo
     hf_config = read_hf_config(path)
     family = family_of(hf_config)
     config = family.config_from_hf(hf_config, dtype)
-    abstract = nnx.eval_shape(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
     ckpt = SafetensorsCheckpoint(path)
     return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)
 

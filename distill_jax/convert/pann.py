@@ -187,7 +187,7 @@ def load_pann(path: str, config: Cnn14Config | str | None = None, *, write_copy:
         keys, shape_of, get = set(state), (lambda k: state[k].shape), state.__getitem__
         front = {k: state[k] for k in (STFT_REAL, STFT_IMAG, MEL) if k in state}
         config = config or infer_config(state, path)
-    abstract = nnx.eval_shape(lambda: Cnn14(config, rngs=default_rngs(seed)))
+    abstract = sharding_lib.abstract_model(lambda: Cnn14(config, rngs=default_rngs(seed)))
     plan = _plan(abstract, keys, shape_of, path)
     check_front_end(front, config, path)
     if not path.endswith(".safetensors") and write_copy:

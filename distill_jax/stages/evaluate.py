@@ -73,3 +73,79 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def score_split(study, model, modality: str, split: str, out_path: str, *, batch_size: int,
+                chunk_batches: int = 0) -> list[dict]:
+    """Per-clip records of `model` on `split`, written to `out_path` (JSON lines).
+
+    Resumable: every `chunk_batches` batches (0: one chunk) go to a part file under
+    `out_path`.parts/ first; a rerun skips the batches of finished parts, and the finished
+    split is one file (the parts are then removed).
+    """
+    import math
+    import shutil
+
+    import tqdm
+
+    if os.path.exists(out_path):
+        return read_records(out_path)
+    parts_dir = out_path + ".parts"
+    os.makedirs(parts_dir, exist_ok=True)
+    total = math.ceil(study.manifest["splits"][split]["num_examples"] / batch_size)
+    chunk_batches = chunk_batches or total
+    letters, inputs_of = study.letter_ids(modality), study.model_inputs(modality)
+    part_path = lambda k: os.path.join(parts_dir, f"part-{k:05d}.jsonl")
+    pending: list[dict] = []
+    dataset = study.dataset(modality, split, batch_size=batch_size)
+    for i, batch in enumerate(tqdm.tqdm(dataset, total=total, desc=f"{modality} on {split}", leave=False)):
+        if os.path.exists(part_path(i // chunk_batches)):
+            continue  # scored by an earlier run
+        pending += score_batches(model, [batch], letters, inputs_of)
+        if (i + 1) % chunk_batches == 0 or i + 1 == total:
+            write_records(part_path(i // chunk_batches), pending)
+            pending = []
+    records = [r for k in range(math.ceil(total / chunk_batches)) for r in read_records(part_path(k))]
+    write_records(out_path, records)
+    shutil.rmtree(parts_dir)
+    return records
+
+
+def summary(study, names: Sequence[str], splits: Sequence[str]) -> dict:
+    """{name: {split: accuracy dict}} for every records file that exists."""
+    out = {}
+    for name in names:
+        for split in splits:
+            path = study.records_path(name, split)
+            if os.path.exists(path):
+                out.setdefault(name, {})[split] = accuracy(read_records(path), study.classes)
+    return out
+
+
+def run(study) -> None:
+    from distill_jax.stages.common import MODALITIES
+
+    config = study.config.evaluate
+    for modality in MODALITIES:
+        todo = [s for s in config.splits if not os.path.exists(study.records_path(modality, s))]
+        if not todo:
+            print(f"evaluate: {modality} records exist for {list(config.splits)}, skipped")
+            continue
+        model = study.load_model(modality)
+        for split in todo:
+            records = score_split(study, model, modality, split, study.records_path(modality, split),
+                                  batch_size=config.batch_size)
+            print(f"evaluate: {modality} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
+                  flush=True)
+    tables = summary(study, MODALITIES, config.splits)
+    with open(study.path("eval", "summary.json"), "w") as f:
+        json.dump(tables, f, indent=1)
+    split = study.config.switch.split
+    if split in tables.get("audio", {}) and split in tables.get("visual", {}):
+        gap = modality_gap(tables["audio"][split], tables["visual"][split])
+        print(f"modality gap on {split} (accuracy %):")
+        print(markdown_table(gap, ["class", "audio", "visual", "difference"]))

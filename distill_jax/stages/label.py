@@ -50,3 +50,75 @@ def targets_for(clip_ids: Sequence[str], valid: Sequence[int], labels: Mapping[s
             "teacher_logits": np.asarray([r["teacher_logits"] for r in rows], np.float32),
             "student_letter": np.asarray([r["student_letter"] for r in rows], np.int32),
             "weight": np.asarray(valid, np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def switch_probabilities(study, split: str, out_path: str) -> dict[str, float]:
+    """The trained switch's probability per clip of `split`, batch by batch (written once, JSON)."""
+    import json
+    import os
+
+    import tqdm
+
+    from distill_jax.train.switch import make_predict, restore_switch
+
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            return json.load(f)
+    with open(study.path("switch", "metrics.json")) as f:
+        constant = json.load(f).get("constant")
+    batch_size = study.config.label.batch_size
+    if constant is not None:  # the switch stage found one-sided labels: a constant switch
+        predict = lambda waveforms: np.full(len(waveforms), float(constant))
+    else:
+        predict = make_predict(restore_switch(study.path("switch", "model")), batch_size=batch_size,
+                               sample_rate=16000)
+    probs = {}
+    total = -(-study.manifest["splits"][split]["num_examples"] // batch_size)
+    for batch in tqdm.tqdm(study.dataset("waveform", split, batch_size=batch_size), total=total,
+                           desc=f"switch on {split}", leave=False):
+        p = predict(batch["waveform"])
+        for row in np.flatnonzero(batch["valid"]):
+            probs[str(batch["clip_id"][row])] = float(p[row])
+    with open(out_path + ".tmp", "w") as f:
+        json.dump(probs, f)
+    os.replace(out_path + ".tmp", out_path)
+    return probs
+
+
+def labels_path(study, mode: str) -> str:
+    return study.path("labels", f"{mode}.jsonl")
+
+
+def run(study) -> None:
+    """Teacher and student records on the training split (resumable parts, progress bar), the
+    switch's probabilities, and one label file per switch mode in config.distill.modes."""
+    import os
+
+    from distill_jax.stages.evaluate import read_records, score_split, write_records
+
+    cfg, split = study.config.label, study.config.label.split
+    records = {}
+    for modality in (study.teacher, study.student):
+        path = study.path("labels", f"{modality}-{split}.jsonl")
+        if not os.path.exists(path):
+            score_split(study, study.load_model(modality), modality, split, path, batch_size=cfg.batch_size,
+                        chunk_batches=cfg.chunk_batches)
+        records[modality] = read_records(path)
+    modes = list(study.config.distill.modes)
+    probs = None
+    if "learned" in modes:
+        probs = switch_probabilities(study, split, study.path("labels", f"switch-{split}.json"))
+    for mode in modes:
+        path = labels_path(study, mode)
+        if os.path.exists(path):
+            print(f"label: {path} exists, skipped")
+            continue
+        labels = make_labels(records[study.teacher], records[study.student], mode=mode, switch_probs=probs,
+                             threshold=study.config.switch.threshold)
+        write_records(path, labels)
+        closed = np.mean([r["switch_closed"] for r in labels])
+        print(f"label: {mode}: teacher used on {100 * closed:.1f}% of {len(labels)} {split} clips", flush=True)

@@ -41,9 +41,10 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     return tx
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation):
-    """(graphdef, state): state = {step, lora, opt, frozen}; lora is every nnx.LoRAParam."""
-    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, trained=nnx.LoRAParam):
+    """(graphdef, state): state = {step, lora, opt, frozen}; "lora" holds the trained parameters:
+    every nnx.LoRAParam by default, or e.g. every nnx.Param (the toy world's warm start)."""
+    graphdef, lora, frozen = nnx.split(model, trained, ...)
     if not jax.tree.leaves(lora):
         raise ValueError("the model has no LoRA parameters: apply_lora before building the train state")
     return graphdef, {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": tx.init(lora), "frozen": frozen}
@@ -53,23 +54,33 @@ def merge_model(graphdef, state) -> nnx.Module:
     return nnx.merge(graphdef, state["lora"], state["frozen"])
 
 
+def split_inputs(model: nnx.Module, inputs: dict) -> tuple[dict, tuple]:
+    """A batch's model inputs -> (arrays, static items) for the step: models with
+    `prepare_inputs` (Qwen2-VL) derive host-side arrays (M-RoPE positions) and static grids."""
+    prepare = getattr(model, "prepare_inputs", None)
+    arrays, static = prepare(inputs) if prepare is not None else (inputs, {})
+    return arrays, tuple(sorted(static.items()))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, letter_token_ids, *, mode: str = "labels",
                     temperature: float = 1.0):
-    """A jitted `train_step(state, batch) -> (state, metrics)`.
+    """A jitted `train_step(state, batch, static=()) -> (state, metrics)`.
 
     batch: {"inputs": the model's inputs (left-padded, answer at the last position),
             "targets": switch_closed, teacher_letter, teacher_logits, student_letter, weight}.
+    static: hashable extra inputs (`split_inputs`); one program is compiled per value.
     """
     letters = jnp.asarray(letter_token_ids, jnp.int32)
 
-    def loss_fn(lora, frozen, batch):
+    def loss_fn(lora, frozen, batch, static):
         model = nnx.merge(graphdef, lora, frozen)
-        hidden = model.hidden_states(**batch["inputs"])[:, -1]
+        hidden = model.hidden_states(**batch["inputs"], **dict(static))[:, -1]
         return distill_loss(model.logits(hidden), letters, batch["targets"], mode=mode, temperature=temperature)
 
-    @partial(jax.jit, donate_argnums=0)
-    def train_step(state, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["lora"], state["frozen"], batch)
+    @partial(jax.jit, donate_argnums=0, static_argnums=2)
+    def train_step(state, batch, static=()):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["lora"], state["frozen"], batch,
+                                                                         static)
         updates, opt = tx.update(grads, state["opt"], state["lora"])
         lora = optax.apply_updates(state["lora"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "closed_fraction": parts["closed_fraction"]}

@@ -27,6 +27,7 @@ from flax import nnx
 
 from data_pipelines.audio_resample import resample
 from distill_jax.layers.linear import Linear
+from distill_jax.sharding import abstract_model
 from distill_jax.models.cnn14 import Cnn14, Cnn14Config, check_finite, check_waveform, default_rngs
 
 FINETUNE_MODES = ("head", "full")
@@ -380,7 +381,7 @@ def restore_switch(directory: str) -> Switch:
         raise FileNotFoundError(f"{directory}: no switch_config.json (not a save_switch directory)")
     with open(config_file) as f:
         config = SwitchConfig.from_dict(json.load(f))
-    abstract = nnx.eval_shape(lambda: Switch(config, rngs=default_rngs(config.seed)))
+    abstract = abstract_model(lambda: Switch(config, rngs=default_rngs(config.seed)))
     graphdef, weights, _ = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(weights))
     with ocp.StandardCheckpointer() as checkpointer:

@@ -1,0 +1,121 @@
+"""The toy world end to end on a CPU: the default config of `python -m distill_jax.main`.
+
+    python -m distill_jax.main --workdir=workdir                      # = --config=configs/toy.py
+    python -m distill_jax.main --config=configs/toy.py:direction=audio_to_vl --workdir=workdir_a2v
+    python -m distill_jax.main --config=configs/toy.py --config.distill.modes="('learned','always','never','oracle')"
+
+Arguments (after the colon, comma-separated key=value): direction=vl_to_audio|audio_to_vl,
+scale=<float> (clips per class, x the toy world's default counts), tiny=1 (a seconds-long run
+for tests: few clips and steps).
+
+Questions list all 20 toy classes in a fixed order (question_strategy "fixed"): tiny models
+trained from scratch on a CPU do not learn to look a class up among shuffled options in
+minutes (measured; see data_pipelines/questions.py), while the study itself, the switch and
+the letter-level losses, is the same as with the paper's 10 shuffled options.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from distill_jax import prompts
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """"a=1,b=x" -> {"a": "1", "b": "x"} over `defaults` (unknown keys are an error)."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+        values[key] = value
+    return values
+
+
+def tower(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, tower_dim=64,
+          tower_layers=2, tower_heads=4):
+    return ml_collections.ConfigDict(dict(
+        hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, tower_dim=tower_dim, tower_layers=tower_layers, tower_heads=tower_heads))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg, direction="vl_to_audio", scale="1.0", tiny="0")
+    tiny = args["tiny"] not in ("0", "", "false", "False")
+    c = ml_collections.ConfigDict()
+    c.toy = True
+    c.seed = 0
+    c.direction = args["direction"]
+    c.stages = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
+    c.compute_dtype = "float32"  # CPU; bfloat16 on TPU/GPU
+
+    c.data = ml_collections.ConfigDict()
+    c.data.manifest = config_dict.placeholder(str)  # None: the toy world's, in the workdir
+    c.data.world = ml_collections.ConfigDict(dict(seed=0, scale=0.25 if tiny else float(args["scale"]), fps=4.0,
+                                                  workers=0))
+    c.data.max_seconds = 2.0  # the toy clips' length (VGGSound: 10)
+    c.data.video_fps = 4.0
+    c.data.max_pixels = 28 * 28 * 1280
+    c.data.num_options = 10
+    c.data.question_strategy = "fixed"
+    c.data.question_seed = 0
+    c.data.question_template = prompts.DEFAULT_QUESTION
+    c.data.system_prompt = prompts.DEFAULT_SYSTEM
+    c.data.prompt_buckets = (128, 256, 384, 512, 1024)
+    c.data.on_error = "raise"
+    c.data.worker_count = 0
+
+    c.models = ml_collections.ConfigDict()
+    c.models.audio = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))  # None: warm start's
+    c.models.visual = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))
+
+    c.warm_start = ml_collections.ConfigDict()
+    c.warm_start.split = "pretrain"
+    c.warm_start.steps = 4 if tiny else 300
+    c.warm_start.batch_size = 8 if tiny else 16
+    c.warm_start.learning_rate = 3e-3
+    c.warm_start.warmup_steps = 1 if tiny else 30
+    c.warm_start.weight_decay = 0.01
+    c.warm_start.log_every = 2 if tiny else 50
+    c.warm_start.models = ml_collections.ConfigDict(dict(audio=tower(), visual=tower(tower_dim=32)))
+
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.splits = ("analysis", "test", "unseen")
+    c.evaluate.batch_size = 8 if tiny else 32
+
+    c.switch = ml_collections.ConfigDict()
+    c.switch.split = "analysis"  # trained on this split's answers of both models
+    c.switch.eval_split = "test"
+    c.switch.backbone = "tiny"  # a Cnn14Config preset (random init) or a PANN checkpoint path
+    c.switch.finetune = "full"
+    c.switch.label_mode = "sample"
+    c.switch.sample_rule = "right_wrong"
+    c.switch.class_margin = 0.0
+    c.switch.threshold = 0.5
+    c.switch.learning_rate = 1e-3
+    c.switch.batch_size = 8 if tiny else 16
+    c.switch.epochs = 1 if tiny else 20
+
+    c.label = ml_collections.ConfigDict()
+    c.label.split = "train"
+    c.label.batch_size = 8 if tiny else 32
+    c.label.chunk_batches = 2 if tiny else 8  # batches per resumable records file
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.modes = ("learned", "always")  # switch modes to train: learned | always | never | oracle
+    c.distill.loss = "labels"  # "labels": CE to the teacher's letter; "logits": KL at `temperature`
+    c.distill.temperature = 1.0
+    c.distill.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0,
+                                                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj")))
+    c.distill.batch_size = 8 if tiny else 16
+    c.distill.epochs = 1
+    c.distill.max_steps = config_dict.placeholder(int)  # None: epochs x clips / batch
+    c.distill.learning_rate = 2e-3
+    c.distill.warmup_steps = 1 if tiny else 4
+    c.distill.weight_decay = 0.0
+    c.distill.clip_norm = 1.0
+    c.distill.accumulate_steps = 1
+    c.distill.checkpoint_every = 2 if tiny else 10
+    c.distill.log_every = 1 if tiny else 5
+    c.distill.eval_splits = ("test", "unseen")
+    return c

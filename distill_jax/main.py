@@ -1,0 +1,109 @@
+"""The study, end to end: `python -m distill_jax.main --config=configs/<file>.py:<args> --workdir=DIR`.
+
+With no flags it runs the toy world (configs/toy.py) into ./workdir and prints the results
+table. Stages run in the order prepare, warm_start, evaluate, switch, label, distill, report
+(`--stages=evaluate,report` picks some); each skips what the workdir already holds, so a
+rerun resumes. Config values that cannot work are refused before any stage starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from distill_jax import sharding
+from distill_jax.stages import common
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "toy.py"), "Run config (configs/*.py[:args]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "workdir", "Where every stage reads and writes.")
+flags.DEFINE_list("stages", None, f"Stages to run (default: the config's), from {list(common.STAGES)}.")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named."""
+
+
+def check_config(config, stages) -> None:
+    """Refuse, before any work, values that cannot work."""
+    unknown = [s for s in stages if s not in common.STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(common.STAGES)}")
+    if config.direction not in common.ROLES:
+        raise ConfigError(f"config.direction={config.direction!r}; expected one of {sorted(common.ROLES)}")
+    from distill_jax.stages.label import SWITCH_MODES
+    from distill_jax.train.losses import MODES
+
+    bad = [m for m in config.distill.modes if m not in SWITCH_MODES]
+    if bad or not config.distill.modes:
+        raise ConfigError(f"config.distill.modes={tuple(config.distill.modes)}: each must be one of {SWITCH_MODES}")
+    if "oracle" in config.distill.modes and not config.toy:
+        raise ConfigError("config.distill.modes has 'oracle', which needs ground truth: toy world only")
+    if config.distill.loss not in MODES:
+        raise ConfigError(f"config.distill.loss={config.distill.loss!r}; expected one of {MODES}")
+    if config.data.question_strategy != "fixed" and not 2 <= config.data.num_options <= 26:
+        raise ConfigError(f"config.data.num_options={config.data.num_options}; expected 2..26")
+    if not config.toy:
+        for modality in common.MODALITIES:
+            path = config.models[modality].path
+            if not path or not os.path.exists(os.path.join(path, "config.json")):
+                raise ConfigError(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
+                                  "(no config.json)")
+        if not config.data.manifest or not os.path.exists(config.data.manifest):
+            raise ConfigError(f"config.data.manifest={config.data.manifest!r} does not exist")
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; expected float32 or bfloat16")
+
+
+def make_mesh(config):
+    try:
+        return sharding.make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise ConfigError(f"config.mesh={dict(config.mesh)} does not fit the {jax.device_count()} devices: {e}") from e
+
+
+def run(config, workdir: str, stages=None) -> common.Study:
+    """Run `stages` (default: the config's) of the study into `workdir`."""
+    from distill_jax.stages import distill, evaluate, label, prepare, report, switch, warm_start
+
+    modules = {"prepare": prepare, "warm_start": warm_start, "evaluate": evaluate, "switch": switch,
+               "label": label, "distill": distill, "report": report}
+    stages = list(stages or config.stages)
+    check_config(config, stages)
+    mesh = make_mesh(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
+    # Compiled programs are reused across reruns of the workdir.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    study = common.Study(config, workdir, mesh)
+    timings = {}
+    with jax.set_mesh(mesh):
+        for stage in common.STAGES:
+            if stage not in stages:
+                continue
+            start = time.perf_counter()
+            print(f"== {stage}", flush=True)
+            modules[stage].run(study)
+            timings[stage] = time.perf_counter() - start
+            print(f"== {stage} done in {timings[stage]:.1f} s", flush=True)
+    with open(os.path.join(workdir, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1)
+    return study
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS.config, FLAGS.workdir, FLAGS.stages)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,36 @@
+"""Prepare: the clips as TFRecord shards + a manifest, and (toy world) the tokenizer.
+
+Toy world: generates the procedural clips and converts them (`data_pipelines.toy_world`), and
+writes a tiny Qwen2 tokenizer whose corpus holds the class names. Real data: the manifest the
+config names must exist (convert VGGSound first with `python -m data_pipelines.vggsound`);
+this stage checks it and prints its report. Reruns skip finished work (the converter skips
+finished shards).
+"""
+from __future__ import annotations
+
+import os
+
+from data_pipelines import converter, toy_world
+from distill_jax.toy_tokenizer import make_qwen2_tokenizer
+
+TOY_TOKENIZER_VOCAB = 1024
+
+
+def run(study) -> None:
+    config = study.config
+    if not config.toy:
+        path = study.manifest_path()
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config.data.manifest {path} does not exist: convert the clips first "
+                                    "(python -m data_pipelines.vggsound --csv ... --video-dir ... --out ...)")
+        converter.print_report(study.manifest)
+        return
+    if not os.path.exists(study.manifest_path()):
+        print("prepare: generating the toy world", flush=True)
+        world = config.data.world
+        toy_world.main(["--out", study.path("data"), "--seed", str(world.seed), "--scale", str(world.scale),
+                        "--fps", str(world.fps), "--workers", str(world.workers or os.cpu_count())])
+    tokenizer_dir = study.path("tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        make_qwen2_tokenizer(tokenizer_dir, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB)
+    converter.print_report(study.manifest)
