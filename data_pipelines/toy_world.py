@@ -5,43 +5,55 @@ by construction, written as real mp4 files + a VGGSound-format CSV.
     python -m data_pipelines.toy_world --out DIR --no-convert
 
 Each class has an audio signature (a sound family with parameters) and a visual signature (a
-shape, a colour and a motion). Where two classes share a signature, they share the *same*
-generator and parameter distribution, so that modality cannot tell them apart better than a
-coin flip between the two; every other pair differs by design. Designed reliability:
+shape, a colour, a motion and a size). Classes come in hard pairs and clear classes. The two
+classes of a hard pair share one modality's generator and every setting of it but one parameter,
+which is 1.3 times larger in one class (sound: its pitch, i.e. the engine's f0, the band noise's
+centre or both ends of the sweep; picture: the object's size) and jitters per clip by a
+log-uniform factor exp(U(-0.2, 0.2)) in both, so the two per-clip ranges overlap: engine f0
+90-134 Hz vs 117-175 Hz, object radius 9.2-13.7 vs 11.9-17.8 pixels.
+That modality is hard but not hopeless on the pair: even an ideal classifier is right on at most
+0.5 + ln(1.3) / (4 * 0.2) = 83 % of the pair's clips, and a plain nearest-centroid classifier
+measures 65-90 % (tests/test_toy_world.py); the other modality differs clearly. Designed reliability:
 
-    class                          group          audio                        visual
-    chainsaw                       visual wins    = lawn mowing (engine buzz)  orange triangle, left-right
-    lawn mowing                    visual wins    = chainsaw                   green square, up-down
-    waterfall burbling             visual wins    = wind noise (band noise)    blue bar, falling
-    wind noise                     visual wins    = waterfall burbling         white circle, drifting
-    driving motorcycle             visual wins    = race car (revving sweep)   red circle, circling
-    race car, auto racing          visual wins    = driving motorcycle         yellow bar, left-right fast
-    playing violin, fiddle         audio wins     bowed harmonics, 660 Hz      = playing cello (brown bar)
-    playing cello                  audio wins     bowed harmonics, 130 Hz      = playing violin, fiddle
-    dog barking                    audio wins     bright noise bursts, 3/s     = dog growling (tan circle)
-    dog growling                   audio wins     low noise, 25 Hz throb       = dog barking
-    bird chirping, tweeting        audio wins     fast high up-chirps          = owl hooting (grey triangle)
-    owl hooting                    audio wins     low hoots, 2 per second      = bird chirping, tweeting
-    church bell ringing            both clear     inharmonic bell strikes      gold ring, swinging
-    police car (siren)             both clear     slow up-down siren sweep     blue square, blinking red
-    clock tick                     both clear     clicks, 2/s                  cyan cross, static
-    people clapping                both clear     bright clicks, 6/s           magenta square, pulsing
-    -- unseen (only in the "unseen" split) --
-    cat meowing                    visual wins    = baby crying (falling tone) purple circle, pulsing
-    baby crying                    visual wins    = cat meowing                pink square, static
-    frog croaking                  both clear     pulsed 300 Hz croaks         green triangle, hopping
-    thunder                        both clear     low rumble burst             grey bar, flashing
+    class                    group        audio                                visual
+    chainsaw                 visual wins  engine buzz, f0 143 Hz  ~lawn mowing orange triangle, left-right
+    lawn mowing              visual wins  engine buzz, f0 110 Hz  ~chainsaw    green square, up-down
+    waterfall burbling       visual wins  band noise, centre 1200 Hz ~wind     blue bar, falling
+    wind noise               visual wins  band noise, centre 1560 Hz ~waterf.  white circle, drifting
+    driving motorcycle       visual wins  revving sweep 180-420 Hz ~race car   red circle, circling
+    race car, auto racing    visual wins  revving sweep 234-546 Hz ~motorc.    yellow bar, left-right fast
+    playing violin, fiddle   audio wins   bowed harmonics, 660 Hz              brown bar, size 0.88 ~cello
+    playing cello            audio wins   bowed harmonics, 130 Hz              brown bar, size 1.14 ~violin
+    dog barking              audio wins   bright noise bursts, 3/s             tan circle, up-down, 0.88 ~growl.
+    dog growling             audio wins   low noise, 25 Hz throb               tan circle, up-down, 1.14 ~bark.
+    bird chirping, tweeting  audio wins   fast high up-chirps                  grey triangle, circling, 0.88 ~owl
+    owl hooting              audio wins   low hoots, 2 per second              grey triangle, circling, 1.14 ~bird
+    church bell ringing      both clear   inharmonic bell strikes              gold ring, swinging
+    police car (siren)       both clear   slow up-down siren sweep             blue square, blinking red
+    clock tick               both clear   clicks, 2/s                          cyan cross, static
+    people clapping          both clear   bright clicks, 6/s                   magenta square, pulsing
+    -- unseen (never in train/analysis/test: only in "unseen", and in "pretrain" to warm-start) --
+    cat meowing              visual wins  meow, 700<->450 Hz  ~baby crying     purple circle, pulsing
+    baby crying              visual wins  meow, 910<->585 Hz  ~cat meowing     pink square, static
+    frog croaking            both clear   pulsed 300 Hz croaks                 green triangle, hopping
+    thunder                  both clear   low rumble burst                     grey bar, flashing
 
-So on "visual wins" pairs an audio model is at best 50 % (pair chance) and a visual model near
-its clean accuracy; "audio wins" the other way round; "both clear" classes are learnable from
-either. Per clip: parameters jitter (pitch, rate, size, position, colour, speed), noise is
-added to the sound (random SNR) and the picture, and with some probability a faint sound or a
-small object of another class is mixed in, so small models learn the classes well but not
-perfectly. `design.json` in the output records this table and the generator settings.
+(~X: the hard-pair partner in that modality; sizes relative to a radius of 0.2 frame.) So on
+"visual wins" pairs a visual model is near its clean accuracy and an audio model can do better
+than chance but not much better than about 80 %: there is room to improve it, e.g. by
+distillation from the visual model. "Audio wins" pairs the other way round; "both clear" classes
+are learnable from either. Per clip: the other parameters jitter by 5-15 % (rate, pitch of the
+unpaired sounds, size, position, colour, speed), noise is added to the sound (random SNR) and
+the picture, and with some probability a faint sound or a small object of another class is mixed
+in, so small models learn the classes well but not perfectly. `design.json` in the output records
+per class its signatures, its hard-pair partner per modality with the parameter ratio, how they
+differ and the pair's Bayes accuracy, and the generator settings.
 
-Splits (clips per class by default): pretrain 16 (to warm-start the toy models), train 32,
-analysis 8, test 8, and unseen 8 for each unseen class. Everything is seeded: the same
-arguments give the same files. The default size runs in about a minute on 2 CPU cores.
+Splits (clips per class by default): pretrain 16 for every class, the 4 unseen ones included (to
+warm-start the toy models, which should know every class, as the pretrained LLMs know AudioSet's:
+"unseen" means never seen during distillation), train 32, analysis 8 and test 8 for the 16 seen
+classes, and unseen 8 for each unseen class. Everything is seeded per clip: the same arguments give
+the same files. The default size runs in about 40 s on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -66,6 +78,9 @@ UNSEEN_SPLIT = "unseen"
 class Sound:
     family: str  # harmonic | am | sweep | band_noise | bursts | clicks | growl | bell | hoots | croaks | rumble
     params: tuple = ()
+    # 0: every parameter jitters independently by a factor in [0.95, 1.05]. > 0: the family's frequency
+    # parameters (PITCH_PARAMS) instead share one per-clip factor exp(U(-spread, spread)).
+    spread: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +89,9 @@ class Look:
     colour: tuple[int, int, int]
     motion: str  # static | horizontal | vertical | circular | falling | pulse | blink | swing | hop | flash
     speed: float = 1.0  # cycles per second of the motion
+    scale: float = 1.0  # size relative to the default object (radius 0.2 of the frame)
+    # 0: the size jitters by a factor in [0.85, 1.15]. > 0: by a factor exp(U(-spread, spread)).
+    spread: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,27 +103,57 @@ class ToyClass:
     unseen: bool = False
 
 
-_ENGINE = Sound("am", (110.0, 6, 22.0))  # f0, harmonics, modulation Hz
-_RUSH = Sound("band_noise", (1200.0, 900.0))  # centre Hz, bandwidth Hz
-_REV = Sound("sweep", (180.0, 420.0, 0.8, 4))  # low Hz, high Hz, sweeps per s, harmonics
-_BROWN_BAR = Look("bar", (120, 70, 30), "static")
-_TAN_CIRCLE = Look("circle", (200, 160, 110), "vertical", 1.5)
-_GREY_TRIANGLE = Look("triangle", (110, 110, 120), "circular", 0.7)
-_MEOW = Sound("sweep", (700.0, 450.0, 0.6, 5))
+# The parameters of each sound family, and its frequency parameters: the ones a Sound's `spread` scales together.
+PARAM_NAMES = {"harmonic": ("f0 Hz", "harmonics", "decay"), "am": ("f0 Hz", "harmonics", "modulation Hz"),
+               "sweep": ("from Hz", "to Hz", "sweeps per s", "harmonics"),
+               "band_noise": ("centre Hz", "bandwidth Hz"), "bursts": ("per s", "centre Hz", "bandwidth Hz"),
+               "clicks": ("per s", "centre Hz"), "growl": ("centre Hz", "throb Hz"), "bell": ("f0 Hz", "interval s"),
+               "hoots": ("f0 Hz", "per s"), "croaks": ("f0 Hz", "per s"), "rumble": ("centre Hz",)}
+PITCH_PARAMS = {"harmonic": (0,), "am": (0,), "sweep": (0, 1), "band_noise": (0,), "bursts": (1,), "clicks": (1,),
+                "growl": (0,), "bell": (0,), "hoots": (0,), "croaks": (0,), "rumble": (0,)}
+
+# A hard pair: the two classes share a generator in one modality, except that one parameter (the
+# sound's frequencies, the object's size) is HARD_RATIO times larger in one of them, and it jitters
+# per clip log-uniformly by +-HARD_SPREAD in both. The two per-clip ranges overlap, so even an
+# ideal classifier of that modality is right on at most 0.5 + ln(HARD_RATIO) / (4 HARD_SPREAD)
+# = 0.83 of the pair's clips (pair_bayes_accuracy), while the other modality tells them apart.
+HARD_RATIO = 1.3
+HARD_SPREAD = 0.2
+_SMALL, _BIG = HARD_RATIO ** -0.5, HARD_RATIO ** 0.5  # object sizes of a hard pair (ratio HARD_RATIO)
+
+
+def _higher(sound: Sound) -> Sound:
+    """`sound` with its frequency parameters HARD_RATIO times higher."""
+    params = tuple(round(v * HARD_RATIO, 6) if i in PITCH_PARAMS[sound.family] else v
+                   for i, v in enumerate(sound.params))
+    return dataclasses.replace(sound, params=params)
+
+
+_ENGINE = Sound("am", (110.0, 6, 22.0), HARD_SPREAD)  # f0, harmonics, modulation Hz
+_RUSH = Sound("band_noise", (1200.0, 900.0), HARD_SPREAD)  # centre Hz, bandwidth Hz
+_REV = Sound("sweep", (180.0, 420.0, 0.8, 4), HARD_SPREAD)  # from Hz, to Hz (and back), sweeps per s, harmonics
+_BAR = Look("bar", (120, 70, 30), "static", spread=HARD_SPREAD)
+_CIRCLE = Look("circle", (200, 160, 110), "vertical", 1.5, spread=HARD_SPREAD)
+_TRIANGLE = Look("triangle", (110, 110, 120), "circular", 0.7, spread=HARD_SPREAD)
+_MEOW = Sound("sweep", (700.0, 450.0, 0.6, 5), HARD_SPREAD)  # a tone gliding 700 -> 450 Hz and back
 
 CLASSES = (
-    ToyClass("chainsaw", "visual wins", _ENGINE, Look("triangle", (240, 130, 20), "horizontal", 1.0)),
+    ToyClass("chainsaw", "visual wins", _higher(_ENGINE), Look("triangle", (240, 130, 20), "horizontal", 1.0)),
     ToyClass("lawn mowing", "visual wins", _ENGINE, Look("square", (40, 180, 40), "vertical", 0.8)),
     ToyClass("waterfall burbling", "visual wins", _RUSH, Look("bar", (40, 90, 230), "falling", 1.2)),
-    ToyClass("wind noise", "visual wins", _RUSH, Look("circle", (235, 235, 235), "horizontal", 0.3)),
+    ToyClass("wind noise", "visual wins", _higher(_RUSH), Look("circle", (235, 235, 235), "horizontal", 0.3)),
     ToyClass("driving motorcycle", "visual wins", _REV, Look("circle", (220, 30, 30), "circular", 1.0)),
-    ToyClass("race car, auto racing", "visual wins", _REV, Look("bar", (240, 220, 30), "horizontal", 2.0)),
-    ToyClass("playing violin, fiddle", "audio wins", Sound("harmonic", (660.0, 8, 0.7)), _BROWN_BAR),
-    ToyClass("playing cello", "audio wins", Sound("harmonic", (130.0, 8, 0.8)), _BROWN_BAR),
-    ToyClass("dog barking", "audio wins", Sound("bursts", (3.0, 1500.0, 1200.0)), _TAN_CIRCLE),
-    ToyClass("dog growling", "audio wins", Sound("growl", (300.0, 25.0)), _TAN_CIRCLE),
-    ToyClass("bird chirping, tweeting", "audio wins", Sound("sweep", (2800.0, 4200.0, 5.0, 1)), _GREY_TRIANGLE),
-    ToyClass("owl hooting", "audio wins", Sound("hoots", (400.0, 2.0)), _GREY_TRIANGLE),
+    ToyClass("race car, auto racing", "visual wins", _higher(_REV), Look("bar", (240, 220, 30), "horizontal", 2.0)),
+    ToyClass("playing violin, fiddle", "audio wins", Sound("harmonic", (660.0, 8, 0.7)),
+             dataclasses.replace(_BAR, scale=_SMALL)),
+    ToyClass("playing cello", "audio wins", Sound("harmonic", (130.0, 8, 0.8)),
+             dataclasses.replace(_BAR, scale=_BIG)),
+    ToyClass("dog barking", "audio wins", Sound("bursts", (3.0, 1500.0, 1200.0)),
+             dataclasses.replace(_CIRCLE, scale=_SMALL)),
+    ToyClass("dog growling", "audio wins", Sound("growl", (300.0, 25.0)), dataclasses.replace(_CIRCLE, scale=_BIG)),
+    ToyClass("bird chirping, tweeting", "audio wins", Sound("sweep", (2800.0, 4200.0, 5.0, 1)),
+             dataclasses.replace(_TRIANGLE, scale=_SMALL)),
+    ToyClass("owl hooting", "audio wins", Sound("hoots", (400.0, 2.0)), dataclasses.replace(_TRIANGLE, scale=_BIG)),
     ToyClass("church bell ringing", "both clear", Sound("bell", (520.0, 1.0)),
              Look("ring", (230, 190, 50), "swing", 0.6)),
     ToyClass("police car (siren)", "both clear", Sound("sweep", (700.0, 1500.0, 0.5, 2)),
@@ -114,7 +162,7 @@ CLASSES = (
     ToyClass("people clapping", "both clear", Sound("clicks", (6.0, 5000.0)),
              Look("square", (240, 60, 200), "pulse", 1.5)),
     ToyClass("cat meowing", "visual wins", _MEOW, Look("circle", (150, 60, 200), "pulse", 1.0), unseen=True),
-    ToyClass("baby crying", "visual wins", _MEOW, Look("square", (250, 170, 190), "static"), unseen=True),
+    ToyClass("baby crying", "visual wins", _higher(_MEOW), Look("square", (250, 170, 190), "static"), unseen=True),
     ToyClass("frog croaking", "both clear", Sound("croaks", (300.0, 3.0)), Look("triangle", (60, 160, 60), "hop", 1.5),
              unseen=True),
     ToyClass("thunder", "both clear", Sound("rumble", (60.0,)), Look("bar", (150, 150, 160), "flash", 0.8),
@@ -171,43 +219,50 @@ def _pulse_train(rng, n: int, rate: float, width: float) -> np.ndarray:
 def render_sound(sound: Sound, rng: np.random.Generator, n: int) -> np.ndarray:
     """One jittered instance of `sound`, `n` samples at 16 kHz, unit RMS."""
     t = np.arange(n) / SAMPLE_RATE
-    jitter = lambda: rng.uniform(0.95, 1.05)  # noqa: E731 - a per-parameter random factor
     p = sound.params
+    shift = np.exp(rng.uniform(-sound.spread, sound.spread)) if sound.spread else None
+
+    def q(i: int) -> float:
+        """Parameter i of this clip: jittered by a factor in [0.95, 1.05], or scaled by the shared `shift`."""
+        if shift is not None and i in PITCH_PARAMS[sound.family]:
+            return p[i] * shift
+        return p[i] * rng.uniform(0.95, 1.05)
+
     if sound.family == "harmonic":
-        f0, count, decay = p[0] * jitter(), p[1], p[2]
+        f0, count, decay = q(0), p[1], p[2]
         vibrato = 0.004 * np.sin(2 * np.pi * 5.5 * t)
         x = _harmonics(2 * np.pi * f0 * np.cumsum(1 + vibrato) / SAMPLE_RATE, count, decay)
     elif sound.family == "am":
-        f0, count, rate = p[0] * jitter(), p[1], p[2] * jitter()
+        f0, count, rate = q(0), p[1], q(2)
         x = _harmonics(2 * np.pi * f0 * t, count, 0.8) * (1 + 0.8 * np.sin(2 * np.pi * rate * t))
     elif sound.family == "sweep":
-        low, high, rate, count = p[0] * jitter(), p[1] * jitter(), p[2] * jitter(), p[3]
+        low, high, rate, count = q(0), q(1), q(2), p[3]
         freq = low + (high - low) * (0.5 - 0.5 * np.cos(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)))
         x = _harmonics(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE, count, 0.6)
     elif sound.family == "band_noise":
-        x = _band_noise(rng, n, p[0] * jitter(), p[1] * jitter())
+        x = _band_noise(rng, n, q(0), q(1))
     elif sound.family == "bursts":
-        rate, centre, width = p[0] * jitter(), p[1] * jitter(), p[2]
+        rate, centre, width = q(0), q(1), p[2]
         x = _band_noise(rng, n, centre, width) * _pulse_train(rng, n, rate, 0.03)
     elif sound.family == "clicks":
-        rate, centre = p[0] * jitter(), p[1] * jitter()
+        rate, centre = q(0), q(1)
         x = _band_noise(rng, n, centre, 2000.0) * _pulse_train(rng, n, rate, 0.004)
     elif sound.family == "growl":
-        centre, rate = p[0] * jitter(), p[1] * jitter()
+        centre, rate = q(0), q(1)
         x = _band_noise(rng, n, centre, 250.0) * (1 + 0.9 * np.sin(2 * np.pi * rate * t))
     elif sound.family == "bell":
-        f0, interval = p[0] * jitter(), p[1] * jitter()
+        f0, interval = q(0), q(1)
         strikes = np.mod(t + rng.uniform(0, interval), interval)
         partials = sum(a * np.sin(2 * np.pi * f0 * r * t) for a, r in ((1, 1), (0.6, 2.76), (0.4, 5.4), (0.3, 8.9)))
         x = partials * np.exp(-strikes * 4.0)
     elif sound.family == "hoots":
-        f0, rate = p[0] * jitter(), p[1] * jitter()
+        f0, rate = q(0), q(1)
         x = _harmonics(2 * np.pi * f0 * t, 3, 0.3) * _pulse_train(rng, n, rate, 0.08)
     elif sound.family == "croaks":
-        f0, rate = p[0] * jitter(), p[1] * jitter()
+        f0, rate = q(0), q(1)
         x = _harmonics(2 * np.pi * f0 * t, 5, 0.7) * (np.sin(2 * np.pi * 40 * t) > 0) * _pulse_train(rng, n, rate, 0.06)
     elif sound.family == "rumble":
-        x = _band_noise(rng, n, p[0] * jitter(), 80.0) * np.exp(-((t - rng.uniform(0.2, 0.8) * t[-1]) / 0.5) ** 2)
+        x = _band_noise(rng, n, q(0), 80.0) * np.exp(-((t - rng.uniform(0.2, 0.8) * t[-1]) / 0.5) ** 2)
     else:
         raise ValueError(f"unknown sound family {sound.family!r}")
     return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
@@ -271,8 +326,9 @@ def render_frames(look: Look, rng: np.random.Generator, config: WorldConfig, num
     size = config.size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     background = rng.uniform(20, 70) + rng.normal(0, 6, (size, size, 1))
-    objects = [(look, (size / 2 + rng.uniform(-0.08, 0.08) * size, size / 2 + rng.uniform(-0.08, 0.08) * size),
-                0.2 * size * rng.uniform(0.85, 1.15), 1.0)]
+    centre = (size / 2 + rng.uniform(-0.08, 0.08) * size, size / 2 + rng.uniform(-0.08, 0.08) * size)
+    jitter = np.exp(rng.uniform(-look.spread, look.spread)) if look.spread else rng.uniform(0.85, 1.15)
+    objects = [(look, centre, 0.2 * size * look.scale * jitter, 1.0)]
     if distractor is not None:
         corner = rng.uniform(0.12, 0.88, 2) * size
         objects.append((distractor, (corner[0], corner[1]), 0.09 * size, 0.45))
@@ -323,8 +379,10 @@ def render_clip(class_index: int, rng: np.random.Generator, config: WorldConfig,
 def clip_plan(config: WorldConfig, classes: Sequence[ToyClass] = CLASSES) -> list[tuple[str, str, int, int]]:
     """(ytid, split, class index, number) of every clip, in a fixed order."""
     plan = []
+    pretrain = tuple((split, count) for split, count in config.per_class if split == "pretrain")
     for class_index, toy in enumerate(classes):
-        counts = ((UNSEEN_SPLIT, config.unseen_per_class),) if toy.unseen else config.per_class
+        # Unseen classes: never in the distillation splits, but the warm-started models know them.
+        counts = (*pretrain, (UNSEEN_SPLIT, config.unseen_per_class)) if toy.unseen else config.per_class
         for split, count in counts:
             for number in range(count):
                 plan.append((f"toy{class_index:02d}-{split}-{number:04d}", split, class_index, number))
@@ -341,17 +399,64 @@ def _write_clip(task) -> None:
     os.replace(tmp, path)
 
 
+def _pitch_ratio(a: Sound, b: Sound) -> float | None:
+    """f where `b` is `a` with its frequency parameters f times higher and the same spread > 0
+    (1.0 where they are the same sound), else None."""
+    if a == b:
+        return 1.0
+    if a.family != b.family or a.spread != b.spread or not a.spread or len(a.params) != len(b.params):
+        return None
+    pitch = PITCH_PARAMS[a.family]
+    if any(x != y for i, (x, y) in enumerate(zip(a.params, b.params)) if i not in pitch):
+        return None
+    ratios = {round(b.params[i] / a.params[i], 4) for i in pitch}
+    return ratios.pop() if len(ratios) == 1 else None
+
+
+def _size_ratio(a: Look, b: Look) -> float | None:
+    """f where `b` is `a` f times larger with the same spread > 0 (1.0 where they are the same look), else None."""
+    if a == b:
+        return 1.0
+    if a.spread and dataclasses.replace(a, scale=b.scale) == b:
+        return round(b.scale / a.scale, 4)
+    return None
+
+
+def pair_bayes_accuracy(ratio: float | None, spread: float) -> float:
+    """The best accuracy on a two-class pair whose one differing parameter is `ratio` times larger in
+    one class, jittered log-uniformly by +-spread in both (1.0 where no class is alike, 0.5 where
+    the two are the same)."""
+    if ratio is None:
+        return 1.0
+    if ratio == 1.0:
+        return 0.5
+    return round(float(min(1.0, 0.5 + abs(np.log(ratio)) / (4 * spread))), 4)
+
+
 def design_table(classes: Sequence[ToyClass] = CLASSES) -> list[dict]:
-    """Per class: group, signatures, and which class it is indistinguishable from per modality."""
+    """Per class: group, signatures, and per modality the class of a hard pair that it is alike
+    (differing by one parameter, `ratio` times larger there) with the pair's Bayes accuracy."""
     rows = []
     for toy in classes:
-        same_sound = [c.name for c in classes if c.sound == toy.sound and c.name != toy.name]
-        same_look = [c.name for c in classes if c.look == toy.look and c.name != toy.name]
-        rows.append({"class": toy.name, "group": toy.group, "unseen": toy.unseen,
-                     "sound": dataclasses.asdict(toy.sound), "look": dataclasses.asdict(toy.look),
-                     "audio_alike": same_sound, "visual_alike": same_look,
-                     "audio_pair_bayes_accuracy": 1.0 / (1 + len(same_sound)),
-                     "visual_pair_bayes_accuracy": 1.0 / (1 + len(same_look))})
+        row = {"class": toy.name, "group": toy.group, "unseen": toy.unseen,
+               "sound": dataclasses.asdict(toy.sound), "look": dataclasses.asdict(toy.look)}
+        for modality, ratio_of, spread in (("audio", lambda c: _pitch_ratio(toy.sound, c.sound), toy.sound.spread),
+                                           ("visual", lambda c: _size_ratio(toy.look, c.look), toy.look.spread)):
+            alike = [(c.name, r) for c in classes if c.name != toy.name and (r := ratio_of(c)) is not None]
+            if len(alike) > 1:
+                raise ValueError(f"{toy.name!r} is alike {len(alike)} classes in {modality}: {alike}")
+            partner, ratio = alike[0] if alike else (None, None)
+            row[f"{modality}_partner"] = partner
+            row[f"{modality}_partner_ratio"] = ratio
+            if partner is None:
+                row[f"{modality}_differs"] = None
+            else:
+                what = ("size" if modality == "visual" else
+                        " and ".join(PARAM_NAMES[toy.sound.family][i] for i in PITCH_PARAMS[toy.sound.family]))
+                row[f"{modality}_differs"] = (f"{what} x{ratio:.3g} in {partner!r}, the rest alike; per clip both "
+                                              f"jitter x exp(U(-{spread:g}, {spread:g})), so the ranges overlap")
+            row[f"{modality}_pair_bayes_accuracy"] = pair_bayes_accuracy(ratio, spread)
+        rows.append(row)
     return rows
 
 
@@ -380,7 +485,13 @@ def generate(out_dir, config: WorldConfig = WorldConfig(), *, workers: int | Non
         for ytid, split, c, _ in plan:
             writer.writerow([ytid, 0, CLASSES[c].name, split])
     with open(os.path.join(out_dir, "design.json"), "w", encoding="utf-8") as f:
-        json.dump({"config": dataclasses.asdict(config), "classes": design_table()}, f, indent=1)
+        hard_pairs = {"ratio": HARD_RATIO, "spread": HARD_SPREAD,
+                      "pair_bayes_accuracy": pair_bayes_accuracy(HARD_RATIO, HARD_SPREAD),
+                      "varies": {"audio": {family: [PARAM_NAMES[family][i] for i in PITCH_PARAMS[family]]
+                                           for family in sorted({c.sound.family for c in CLASSES if c.sound.spread})},
+                                 "visual": "size (radius, relative to 0.2 of the frame)"}}
+        json.dump({"config": dataclasses.asdict(config), "hard_pairs": hard_pairs, "classes": design_table()},
+                  f, indent=1)
         f.write("\n")
     return csv_path
 
