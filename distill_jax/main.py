@@ -47,6 +47,9 @@ def check_config(config, stages) -> None:
         raise ConfigError("config.distill.modes has 'oracle', which needs ground truth: toy world only")
     if config.distill.loss not in MODES:
         raise ConfigError(f"config.distill.loss={config.distill.loss!r}; expected one of {MODES}")
+    if config.distill.lora.dropout:
+        raise ConfigError(f"config.distill.lora.dropout={config.distill.lora.dropout}: LoRA dropout is not supported by "
+                          "the train step (its RNG stream is not checkpointed, so a resumed run would differ); use 0")
     if config.data.question_strategy != "fixed" and not 2 <= config.data.num_options <= 26:
         raise ConfigError(f"config.data.num_options={config.data.num_options}; expected 2..26")
     if not config.toy:

@@ -85,3 +85,4 @@ def test_gradient_accumulation_equals_one_big_batch():
     state1, _ = make_train_step(graphdef1, tx1, LETTERS)(state1, big)
     for a, b in zip(jax.tree.leaves(state["lora"]), jax.tree.leaves(state1["lora"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+

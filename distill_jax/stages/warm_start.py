@@ -71,10 +71,10 @@ def train_modality(study, modality: str) -> str:
     tokenizer = prompts.load_tokenizer(study.path("tokenizer"))
     model = toy_model(modality, cfg.models[modality], tokenizer, max_seconds=config.data.max_seconds,
                       seed=config.seed + MODALITIES.index(modality))
-    # The pipeline's transform reads the tokenizer from the model directory, which does not exist yet.
+    # The transform reads the tokenizer from the model directory, which does not exist yet.
     study_tokenizer_dir = study.path("tokenizer")
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
+        optax.warmup_cosine_decay_schedule(0.0, cfg.models[modality].learning_rate, cfg.warmup_steps, cfg.steps),
         weight_decay=cfg.weight_decay))
     graphdef, state = init_state(model, tx, trained=nnx.Param)
     letters = prompts.letter_token_ids(tokenizer, prompts.LETTERS[:study.num_options()])

@@ -69,6 +69,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, letter_token_ids
     batch: {"inputs": the model's inputs (left-padded, answer at the last position),
             "targets": switch_closed, teacher_letter, teacher_logits, student_letter, weight}.
     static: hashable extra inputs (`split_inputs`); one program is compiled per value.
+    Dropout is not supported: its RNG stream would live in the frozen state, which the step
+    does not advance or checkpoint (use LoRA dropout 0; `distill` refuses other values).
     """
     letters = jnp.asarray(letter_token_ids, jnp.int32)
 

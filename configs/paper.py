@@ -1,0 +1,78 @@
+"""The paper's study at 7B scale: Qwen2-VL-7B <-> Qwen2-Audio-7B on VGGSound with a PANN switch.
+
+    python -m data_pipelines.vggsound --csv vggsound.csv --video-dir clips/ --out data/vggsound
+    python -m distill_jax.main --workdir=gs://.../run1 --config=configs/paper.py:direction=vl_to_audio,\\
+        audio=ckpt/Qwen2-Audio-7B-Instruct,visual=ckpt/Qwen2-VL-7B-Instruct,\\
+        manifest=data/vggsound/vggsound.manifest.json,pann=ckpt/Cnn14_16k_mAP=0.438.pth,mesh=1x8x1
+
+Arguments (comma-separated key=value after the colon): direction=vl_to_audio|audio_to_vl,
+audio= / visual= (Hugging Face checkpoint directories, converted on load by convert.load_hf),
+manifest= (the converted VGGSound manifest), pann= (a PANN Cnn14 .pth or its safetensors copy),
+mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device).
+
+The paper's settings are the defaults: 10 shuffled options per question, LoRA rank 16 on the
+LLM's attention and MLP projections (q, k, v, o, gate, up, down), one epoch over the training
+split, cosine schedule with warmup, the teacher's letter as target where the switch is closed
+and the student's own answer elsewhere. `sweep(add)` lists the ablations.
+"""
+import ml_collections
+
+from configs import toy
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1")
+    c = toy.get_config(f"direction={args['direction']}")
+    c.toy = False
+    c.stages = ("prepare", "evaluate", "switch", "label", "distill", "report")
+    try:
+        data, fsdp, tensor = (int(x) for x in args["mesh"].split("x"))
+    except ValueError:
+        raise ValueError(f"config argument mesh={args['mesh']!r}: expected DATAxFSDPxTENSOR, e.g. 1x8x1") from None
+    c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+    c.compute_dtype = "bfloat16"
+
+    c.data.manifest = args["manifest"] or None
+    c.data.max_seconds = 10.0
+    c.data.video_fps = 2.0
+    c.data.question_strategy = "uniform"
+    c.data.num_options = 10
+    c.data.prompt_buckets = (512, 1024, 2048, 4096, 8192)
+    c.data.on_error = "skip"  # a corrupt record is logged and counted, not fatal, at 150K clips
+    c.data.worker_count = 4
+
+    c.models.audio.path = args["audio"] or None
+    c.models.visual.path = args["visual"] or None
+
+    c.evaluate.splits = ("analysis", "test")  # add "unseen" with an AudioSet manifest's split
+    c.evaluate.batch_size = 16
+
+    c.switch.backbone = args["pann"] or "cnn14_16k"
+    c.switch.finetune = "full"
+    c.switch.learning_rate = 1e-4
+    c.switch.batch_size = 32
+    c.switch.epochs = 10
+
+    c.label.batch_size = 16
+    c.label.chunk_batches = 64
+
+    c.distill.modes = ("learned",)
+    c.distill.lora.rank = 16
+    c.distill.lora.alpha = 32.0
+    c.distill.lora.dropout = 0.0  # the train step does not support dropout (see train/step.py)
+    c.distill.batch_size = 32
+    c.distill.epochs = 1
+    c.distill.learning_rate = 1e-4
+    c.distill.warmup_steps = 100
+    c.distill.checkpoint_every = 500
+    c.distill.log_every = 10
+    c.distill.eval_splits = ("test",)
+    return c
+
+
+def sweep(add):
+    """The ablations: switch modes, the logits loss, class-level switch labels."""
+    for mode in ("learned", "always", "never"):
+        add(**{"distill.modes": (mode,)})
+    add(**{"distill.loss": "logits", "distill.temperature": 2.0})
+    add(**{"switch.label_mode": "class"})
