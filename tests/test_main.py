@@ -155,3 +155,36 @@ def test_paper_config_needs_its_checkpoints(tmp_path):
     runs = []
     paper.sweep(lambda **kw: runs.append(kw))
     assert {"distill.modes": ("always",)} in runs and len(runs) == 5
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+    workdir = str(tmp_path / "nan")
+    _copy_without_distill(tiny_run, workdir)
+    config = toy.get_config("tiny=1")
+    config.distill.modes = ("learned",)
+    config.distill.checkpoint_every = 1
+    config.distill.learning_rate = 1e38  # the first update sends the adapters to inf
+    config.distill.warmup_steps = 0
+    with pytest.raises(FloatingPointError, match=r"distill learned: loss (nan|inf) at step 2; stopped without "
+                                                 r"saving it\. The last good checkpoint is step 1"):
+        main.run(config, workdir, ["distill"])
+    ckpts = os.listdir(os.path.join(workdir, "distill", "learned", "checkpoints"))
+    assert sorted(int(d) for d in ckpts if d.isdigit()) == [1]
+    assert not os.path.exists(os.path.join(workdir, "distill", "learned", "adapter"))
+
+
+def test_audio_to_vl_direction(tiny_run, tmp_path):
+    """The visual model as the student: switch, labels, distillation of Qwen2-VL (static grids)."""
+    workdir = str(tmp_path / "a2v")
+    shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("switch", "labels", "distill", "student_*",
+                                                                     "results*"))
+    config = toy.get_config("tiny=1,direction=audio_to_vl")
+    config.distill.modes = ("always",)
+    main.run(config, workdir, ["switch", "label", "distill", "report"])
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert (results["teacher"], results["student"]) == ("audio", "visual")
+    adapter = json.load(open(os.path.join(workdir, "distill", "always", "adapter", "adapter_config.json")))
+    assert "language_model" in adapter["target_modules"] and "visual" not in adapter["target_modules"]
+    labels = read_records(os.path.join(workdir, "labels", "always.jsonl"))
+    audio_train = {r["clip_id"]: r for r in read_records(os.path.join(workdir, "labels", "audio-train.jsonl"))}
+    assert all(r["teacher_letter"] == audio_train[r["clip_id"]]["predicted"] for r in labels)

@@ -11,13 +11,14 @@ good one), the PEFT export of the adapter, and the distilled student's evaluatio
 
 Writes distill/<mode>/{checkpoints, logs, batches.jsonl, adapter} and eval/student_<mode>/.
 """
-from __future__ import annotations
 
 import json
 import os
 import time
 
+import flax
 import numpy as np
+from clu import metrics as clu_metrics
 from flax import nnx
 
 from distill_jax import sharding
@@ -29,6 +30,14 @@ from distill_jax.train.checkpoint import TrainCheckpointer
 from distill_jax.train.metrics import MetricWriter
 from distill_jax.train.step import OptimizerConfig, init_state, make_optimizer, make_train_step, merge_model, \
     split_inputs
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """Averages over a logging window of the train step's metrics."""
+    loss: clu_metrics.Average.from_output("loss")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+    closed_fraction: clu_metrics.Average.from_output("closed_fraction")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +89,7 @@ def train(study, mode: str, out: str):
     writer = MetricWriter(os.path.join(out, "logs"))
     inputs_of = study.model_inputs(study.student)
     step, start, start_step = int(state["step"]), time.perf_counter(), int(state["step"])
+    window = None
     try:
         with open(os.path.join(out, "batches.jsonl"), "a") as order_log:
             while step < steps:
@@ -89,18 +99,22 @@ def train(study, mode: str, out: str):
                 state, metrics = train_step(state, place_batch({"inputs": arrays, "targets": targets}, study.mesh),
                                             static)
                 step += 1
-                scalars = {k: float(v) for k, v in metrics.items()}
-                if not np.isfinite(scalars["loss"]):
+                loss = float(metrics["loss"])
+                if not np.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"distill {mode}: loss {scalars['loss']} at step {step}; stopped without saving it. The last "
+                        f"distill {mode}: loss {loss} at step {step}; stopped without saving it. The last "
                         f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
                 order_log.write(json.dumps({"step": step, "clip_ids": [str(c) for c in batch["clip_id"]]}) + "\n")
-                writer.write(step, scalars)
+                update = TrainMetrics.single_from_model_output(**metrics)
+                window = update if window is None else window.merge(update)
                 checkpointer.save(state, iterator, force=step == steps)
                 if step % cfg.log_every == 0 or step == steps:
+                    averages = {k: float(v) for k, v in window.compute().items()}
+                    window = None
+                    writer.write(step, averages)
                     rate = (step - start_step) / (time.perf_counter() - start)
-                    print(f"distill {mode}: step {step}/{steps} loss {scalars['loss']:.4f} "
-                          f"teacher-used {scalars['closed_fraction']:.2f} {rate:.2f} steps/s "
+                    print(f"distill {mode}: step {step}/{steps} loss {averages['loss']:.4f} "
+                          f"teacher-used {averages['closed_fraction']:.2f} {rate:.2f} steps/s "
                           f"ETA {(steps - step) / rate:.0f} s", flush=True)
     finally:
         writer.close()
