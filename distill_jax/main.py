@@ -12,7 +12,7 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from distill_jax import sharding
@@ -87,7 +87,7 @@ def run(config, workdir: str, stages=None) -> common.Study:
     # Compiled programs are reused across reruns of the workdir.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     study = common.Study(config, workdir, mesh)
-    timings = {}
+    timings_file = os.path.join(workdir, "timings.json")  # seconds of each stage's latest run
     with jax.set_mesh(mesh):
         for stage in common.STAGES:
             if stage not in stages:
@@ -95,16 +95,22 @@ def run(config, workdir: str, stages=None) -> common.Study:
             start = time.perf_counter()
             print(f"== {stage}", flush=True)
             modules[stage].run(study)
-            timings[stage] = time.perf_counter() - start
-            print(f"== {stage} done in {timings[stage]:.1f} s", flush=True)
-    with open(os.path.join(workdir, "timings.json"), "w") as f:
-        json.dump(timings, f, indent=1)
+            seconds = time.perf_counter() - start
+            print(f"== {stage} done in {seconds:.1f} s", flush=True)
+            timings = {}
+            if os.path.exists(timings_file):
+                with open(timings_file) as f:
+                    timings = json.load(f)
+            with open(timings_file, "w") as f:
+                json.dump({**timings, stage: seconds}, f, indent=1)
     return study
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     run(FLAGS.config, FLAGS.workdir, FLAGS.stages)
 
 

@@ -149,6 +149,9 @@ def markdown(results: dict) -> str:
     if "modality_gap" in results:
         lines += ["", f"## Modality gap, {results['modality_gap']['split']} (%)", "",
                   markdown_table(results["modality_gap"]["rows"], ["class", "audio", "visual", "difference"])]
+    if results.get("timings_s"):
+        lines += ["", "Stage wall times of the latest runs (s): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items())]
     lines += ["", "## The study's checks (measured)", "", "| claim | split | measured | holds |", "|---|---|---|---|"]
     for row in results["checks"]:
         holds = {True: "yes", False: "NO", None: "not run"}[row["holds"]]
@@ -174,7 +177,7 @@ def plots(results: dict, out_dir: str) -> list[str]:
             ax.bar(x + i * width, [100 * per_class.get(n, {}).get("accuracy", 0.0) for n in names], width, label=label)
         ax.set_xticks(x + 0.4 - width / 2, names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel(f"accuracy on {split} (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         written.append(os.path.join(out_dir, "per_class_accuracy.png"))
         fig.savefig(written[-1], dpi=100)
