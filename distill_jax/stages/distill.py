@@ -105,6 +105,7 @@ def train(study, mode: str, out: str):
                         f"distill {mode}: loss {loss} at step {step}; stopped without saving it. The last "
                         f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
                 order_log.write(json.dumps({"step": step, "clip_ids": [str(c) for c in batch["clip_id"]]}) + "\n")
+                order_log.flush()  # survives a kill
                 update = TrainMetrics.single_from_model_output(**metrics)
                 window = update if window is None else window.merge(update)
                 checkpointer.save(state, iterator, force=step == steps)
@@ -112,6 +113,7 @@ def train(study, mode: str, out: str):
                     averages = {k: float(v) for k, v in window.compute().items()}
                     window = None
                     writer.write(step, averages)
+                    writer.flush()
                     rate = (step - start_step) / (time.perf_counter() - start)
                     print(f"distill {mode}: step {step}/{steps} loss {averages['loss']:.4f} "
                           f"teacher-used {averages['closed_fraction']:.2f} {rate:.2f} steps/s "

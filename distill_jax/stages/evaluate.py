@@ -130,11 +130,14 @@ def run(study) -> None:
     from distill_jax.stages.common import MODALITIES
 
     config = study.config.evaluate
+    summary_path = study.path("eval", "summary.json")
+    scored = False
     for modality in MODALITIES:
         todo = [s for s in config.splits if not os.path.exists(study.records_path(modality, s))]
         if not todo:
             print(f"evaluate: {modality} records exist for {list(config.splits)}, skipped")
             continue
+        scored = True
         model = study.load_model(modality)
         for split in todo:
             records = score_split(study, model, modality, split, study.records_path(modality, split),
@@ -142,8 +145,9 @@ def run(study) -> None:
             print(f"evaluate: {modality} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
                   flush=True)
     tables = summary(study, MODALITIES, config.splits)
-    with open(study.path("eval", "summary.json"), "w") as f:
-        json.dump(tables, f, indent=1)
+    if scored or not os.path.exists(summary_path):
+        with open(summary_path, "w") as f:
+            json.dump(tables, f, indent=1)
     split = study.config.switch.split
     if split in tables.get("audio", {}) and split in tables.get("visual", {}):
         gap = modality_gap(tables["audio"][split], tables["visual"][split])
