@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.batch_size = 16
 
     c.switch.backbone = args["pann"] or "cnn14_16k"
+    c.switch.label_mode = "sample"  # the paper's per-clip labels (the toy world uses class-level ones)
+    c.switch.class_margin = 0.0
     c.switch.finetune = "full"
     c.switch.learning_rate = 1e-4
     c.switch.batch_size = 32

@@ -60,8 +60,34 @@ def check_config(config, stages) -> None:
                                   "(no config.json)")
         if not config.data.manifest or not os.path.exists(config.data.manifest):
             raise ConfigError(f"config.data.manifest={config.data.manifest!r} does not exist")
+        if not os.path.isfile(config.switch.backbone):
+            raise ConfigError(f"config.switch.backbone={config.switch.backbone!r} is not a file: the switch starts "
+                              "from a pretrained PANN Cnn14 checkpoint (configs/paper.py: pann=...)")
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; expected float32 or bfloat16")
+
+
+# Outputs that depend on which model teaches: a workdir holding them belongs to one direction.
+_DIRECTED_OUTPUTS = ("switch", "labels", "distill")
+
+
+def check_workdir(config, workdir: str) -> None:
+    """Refuse a workdir whose direction-dependent outputs were made with the other direction;
+    print the config values that differ from the workdir's last run (outputs are reused by name)."""
+    previous_file = os.path.join(workdir, "config.json")
+    if not os.path.exists(previous_file):
+        return
+    with open(previous_file) as f:
+        previous = json.load(f)
+    directed = [d for d in _DIRECTED_OUTPUTS if os.path.exists(os.path.join(workdir, d))]
+    if previous.get("direction") != config.direction and directed:
+        raise ConfigError(f"workdir {workdir} holds {directed} made with direction={previous.get('direction')!r}; "
+                          f"config.direction={config.direction!r} needs another workdir (or delete those)")
+    current = json.loads(config.to_json_best_effort())
+    changed = sorted(k for k in set(current) | set(previous) if current.get(k) != previous.get(k) and k != "stages")
+    if changed:
+        print(f"note: config values under {changed} differ from this workdir's last run; finished outputs are "
+              "reused as they are (delete a stage's outputs to redo it)", flush=True)
 
 
 def make_mesh(config):
@@ -81,6 +107,7 @@ def run(config, workdir: str, stages=None) -> common.Study:
     check_config(config, stages)
     mesh = make_mesh(config)
     workdir = os.path.abspath(workdir)
+    check_workdir(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")

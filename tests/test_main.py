@@ -183,7 +183,9 @@ def test_audio_to_vl_direction(tiny_run, tmp_path):
                                                                      "results*"))
     config = toy.get_config("tiny=1,direction=audio_to_vl")
     config.distill.modes = ("always",)
-    main.run(config, workdir, ["switch", "label", "distill", "report"])
+    main.run(config, workdir, ["switch", "label", "distill", "report"])  # reuses the direction-free stages
+    with pytest.raises(main.ConfigError, match="made with direction='audio_to_vl'"):
+        main.run(toy.get_config("tiny=1"), workdir, ["report"])
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert (results["teacher"], results["student"]) == ("audio", "visual")
     adapter = json.load(open(os.path.join(workdir, "distill", "always", "adapter", "adapter_config.json")))

@@ -103,6 +103,10 @@ class Study:
             raise ValueError(f"split {split!r} is not in the manifest {self.manifest_path()} (has {sorted(splits)})")
         return splits[split]["paths"]
 
+    def num_examples(self, split: str) -> int:
+        self.split_paths(split)  # names a missing split
+        return int(self.manifest["splits"][split]["num_examples"])
+
     def num_options(self) -> int:
         data = self.config.data
         return len(self.classes) if data.question_strategy == "fixed" else data.num_options

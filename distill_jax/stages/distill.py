@@ -48,7 +48,7 @@ def total_steps(study) -> int:
     cfg = study.config.distill
     if cfg.max_steps:
         return int(cfg.max_steps)
-    clips = study.manifest["splits"][study.config.label.split]["num_examples"]
+    clips = study.num_examples(study.config.label.split)
     steps = cfg.epochs * clips // cfg.batch_size
     if steps < 1:
         raise ValueError(f"{clips} clips of {study.config.label.split!r} fill no batch of {cfg.batch_size}")
@@ -65,13 +65,30 @@ def student_with_lora(study):
     return model
 
 
+def _truncate_order_log(path: str, step: int) -> None:
+    """Drop the lines of steps after `step` (a killed run's steps that the resumed run repeats)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def done(adapter: str) -> bool:
+    return os.path.exists(os.path.join(adapter, "adapter_model.safetensors"))  # written after adapter_config.json
+
+
 def train(study, mode: str, out: str):
     """Train (or resume) the adapter of switch mode `mode`; returns the student with trained LoRA."""
     cfg = study.config.distill
     steps = total_steps(study)
     labels = {r["clip_id"]: r for r in read_records(labels_path(study, mode))}
     model = student_with_lora(study)
-    updates = max(1, steps // cfg.accumulate_steps)
+    updates = steps // cfg.accumulate_steps
+    if updates < 2:
+        raise ValueError(f"distill: {steps} steps / accumulate_steps {cfg.accumulate_steps} = {updates} optimizer "
+                         "updates; a warmup-cosine schedule needs at least 2 (raise config.distill.max_steps/epochs)")
     tx = make_optimizer(OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, updates - 1),
                                         total_steps=updates, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
                                         accumulate_steps=cfg.accumulate_steps))
@@ -87,6 +104,7 @@ def train(study, mode: str, out: str):
         state = restored
         print(f"distill {mode}: resumed from step {int(state['step'])}", flush=True)
     writer = MetricWriter(os.path.join(out, "logs"))
+    _truncate_order_log(os.path.join(out, "batches.jsonl"), int(state["step"]))
     inputs_of = study.model_inputs(study.student)
     step, start, start_step = int(state["step"]), time.perf_counter(), int(state["step"])
     window = None
@@ -131,14 +149,15 @@ def run(study) -> None:
         adapter = os.path.join(out, "adapter")
         name = f"student_{mode}"
         todo = [s for s in cfg.eval_splits if not os.path.exists(study.records_path(name, s))]
-        if os.path.exists(os.path.join(adapter, "adapter_config.json")) and not todo:
+        if done(adapter) and not todo:
             print(f"distill: {mode} done ({adapter}), skipped")
             continue
         model = train(study, mode, out)  # a finished run only restores its last checkpoint
-        if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        if not done(adapter):
             lora.export_peft(model, adapter, base_model_name_or_path=study.model_dir(study.student))
         for split in todo:
             records = score_split(study, model, study.student, split, study.records_path(name, split),
                                   batch_size=study.config.evaluate.batch_size)
             print(f"distill: {mode} student on {split}: {accuracy(records, study.classes)['overall']:.3f}",
                   flush=True)
+        del model  # one student in memory at a time

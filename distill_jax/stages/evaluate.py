@@ -94,10 +94,10 @@ def score_split(study, model, modality: str, split: str, out_path: str, *, batch
 
     if os.path.exists(out_path):
         return read_records(out_path)
-    parts_dir = out_path + ".parts"
-    os.makedirs(parts_dir, exist_ok=True)
-    total = math.ceil(study.manifest["splits"][split]["num_examples"] / batch_size)
+    total = math.ceil(study.num_examples(split) / batch_size)
     chunk_batches = chunk_batches or total
+    parts_dir = f"{out_path}.parts-{chunk_batches}x{batch_size}"  # parts of another chunking are not reused
+    os.makedirs(parts_dir, exist_ok=True)
     letters, inputs_of = study.letter_ids(modality), study.model_inputs(modality)
     part_path = lambda k: os.path.join(parts_dir, f"part-{k:05d}.jsonl")
     pending: list[dict] = []
@@ -106,10 +106,12 @@ def score_split(study, model, modality: str, split: str, out_path: str, *, batch
         if os.path.exists(part_path(i // chunk_batches)):
             continue  # scored by an earlier run
         pending += score_batches(model, [batch], letters, inputs_of)
-        if (i + 1) % chunk_batches == 0 or i + 1 == total:
+        if (i + 1) % chunk_batches == 0:
             write_records(part_path(i // chunk_batches), pending)
             pending = []
-    records = [r for k in range(math.ceil(total / chunk_batches)) for r in read_records(part_path(k))]
+    if pending:  # the last, partial chunk (also when skipped records made the split shorter)
+        write_records(part_path(i // chunk_batches), pending)
+    records = [r for name in sorted(os.listdir(parts_dir)) for r in read_records(os.path.join(parts_dir, name))]
     write_records(out_path, records)
     shutil.rmtree(parts_dir)
     return records
@@ -144,6 +146,7 @@ def run(study) -> None:
                                   batch_size=config.batch_size)
             print(f"evaluate: {modality} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
                   flush=True)
+        del model  # one model in memory at a time
     tables = summary(study, MODALITIES, config.splits)
     if scored or not os.path.exists(summary_path):
         with open(summary_path, "w") as f:

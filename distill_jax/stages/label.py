@@ -77,7 +77,7 @@ def switch_probabilities(study, split: str, out_path: str) -> dict[str, float]:
         predict = make_predict(restore_switch(study.path("switch", "model")), batch_size=batch_size,
                                sample_rate=16000)
     probs = {}
-    total = -(-study.manifest["splits"][split]["num_examples"] // batch_size)
+    total = -(-study.num_examples(split) // batch_size)
     for batch in tqdm.tqdm(study.dataset("waveform", split, batch_size=batch_size), total=total,
                            desc=f"switch on {split}", leave=False):
         p = predict(batch["waveform"])

@@ -29,8 +29,10 @@ def group_accuracy(records_path: str, classes: list[str], members: set[str]) -> 
 def strong_classes(study) -> dict[str, set[str]]:
     split = study.config.switch.split
     tables = summary(study, MODALITIES, [split])
-    teacher, student = tables[study.teacher][split]["per_class"], tables[study.student][split]["per_class"]
     groups = {"teacher-strong": set(), "student-strong": set(), "similar": set()}
+    if split not in tables.get(study.teacher, {}) or split not in tables.get(study.student, {}):
+        return groups  # the evaluate stage has not scored both models there yet
+    teacher, student = tables[study.teacher][split]["per_class"], tables[study.student][split]["per_class"]
     for name in teacher:
         diff = teacher[name]["accuracy"] - student.get(name, {"accuracy": 0.0})["accuracy"]
         groups["teacher-strong" if diff >= GAP else "student-strong" if diff <= -GAP else "similar"].add(name)
@@ -90,6 +92,8 @@ def build(study) -> dict:
 
 def checks(results: dict) -> list[dict]:
     """The study's claims, each as measured on the first evaluated split (None: not run)."""
+    if not results["splits"]:
+        return []
     split = results["splits"][0]
     acc = lambda label: results["accuracy"].get(label, {}).get(split, {}).get("overall")
     grp = lambda label, g: results["by_group"].get(label, {}).get(split, {}).get(g)
