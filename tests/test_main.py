@@ -123,6 +123,9 @@ def test_killed_distill_resumes_to_the_same_weights(tiny_run, tmp_path):
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=0, err_msg=key)
     assert _order(interrupted) == _order(uninterrupted) and len(_order(uninterrupted)) == steps
+    for name in ("batches.jsonl", "logs/metrics.jsonl"):  # the repeated steps' lines are not doubled
+        logged = [json.loads(line)["step"] for line in open(os.path.join(interrupted, "distill", "learned", name))]
+        assert logged == sorted(set(logged)) and logged[-1] == steps, name
 
 
 @pytest.mark.parametrize("edit,match", [

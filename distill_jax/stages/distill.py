@@ -65,8 +65,8 @@ def student_with_lora(study):
     return model
 
 
-def _truncate_order_log(path: str, step: int) -> None:
-    """Drop the lines of steps after `step` (a killed run's steps that the resumed run repeats)."""
+def _truncate_log(path: str, step: int) -> None:
+    """Drop the JSON lines of steps after `step` (a killed run's steps that the resumed run repeats)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -103,8 +103,9 @@ def train(study, mode: str, out: str):
     if restored is not None:
         state = restored
         print(f"distill {mode}: resumed from step {int(state['step'])}", flush=True)
+    _truncate_log(os.path.join(out, "batches.jsonl"), int(state["step"]))
+    _truncate_log(os.path.join(out, "logs", "metrics.jsonl"), int(state["step"]))
     writer = MetricWriter(os.path.join(out, "logs"))
-    _truncate_order_log(os.path.join(out, "batches.jsonl"), int(state["step"]))
     inputs_of = study.model_inputs(study.student)
     step, start, start_step = int(state["step"]), time.perf_counter(), int(state["step"])
     window = None
