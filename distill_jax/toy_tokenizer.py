@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from distill_jax.prompts import LETTERS
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # Qwen2's pre-tokenizer split (transformers/models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX).
@@ -110,9 +111,9 @@ def make_qwen2_tokenizer(path, *, words: Sequence[str] = (), vocab_size: int = B
     os.makedirs(path, exist_ok=True)
     corpus = list(_CORPUS)
     for word in words:
-        corpus += [word, *(f"{letter}. {word}" for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ")]
+        corpus += [word, *(f"{letter}. {word}" for letter in LETTERS)]
     tok = _build(corpus, vocab_size)
-    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    for letter in LETTERS:
         ids = tok.encode(letter, add_special_tokens=False).ids
         assert len(ids) == 1, (letter, ids)
     tok.save(os.path.join(path, "tokenizer.json"), pretty=True)

@@ -93,17 +93,14 @@ class KeyMap:
     def checkpoint_key(self, path: str) -> tuple[str, Transform]:
         """The key our parameter `path` is written under (the first alternative) and the
         transform from our layout back to the checkpoint's (for `save_hf`)."""
-        module, _, leaf = path.rpartition(".")
-        if leaf not in self.leaves:
-            raise KeyError(f"{path}: no key-map rule for leaf {leaf!r}")
-        hf_leaf, fn = self.leaves[leaf]
-        if fn not in (identity, transpose):
-            raise ValueError(f"{path}: leaf transform {fn.__name__} has no known inverse")
+        keys, fn = self.candidates(path)
         if any(re.fullmatch(pattern, path) for pattern in self.transforms):
             fn = next((t for pattern, t in self.inverse_transforms.items() if re.fullmatch(pattern, path)), None)
             if fn is None:
                 raise ValueError(f"{path}: its transform has no inverse in the key map")
-        return f"{self.hf_modules(module)[0]}.{hf_leaf}", fn
+        elif fn not in (identity, transpose):  # both are their own inverse
+            raise ValueError(f"{path}: leaf transform {fn.__name__} has no known inverse")
+        return keys[0], fn
 
     def ignored(self, key: str) -> bool:
         return any(re.search(p, key) for p in self.ignore)

@@ -15,20 +15,20 @@ import os
 import numpy as np
 
 from distill_jax.stages.common import MODALITIES
-from distill_jax.stages.evaluate import markdown_table, modality_gap, read_records, summary
+from distill_jax.stages.evaluate import accuracy, markdown_table, modality_gap, read_records, summary
 
 GAP = 0.10  # accuracy difference that makes a class teacher- or student-strong
 
 
-def group_accuracy(records_path: str, classes: list[str], members: set[str]) -> float | None:
+def group_accuracy(records: list[dict], classes: list[str], members: set[str]) -> float | None:
     """Accuracy over the clips of classes in `members` (None if there are none)."""
-    records = [r for r in read_records(records_path) if classes[r["label"]] in members]
+    records = [r for r in records if classes[r["label"]] in members]
     return float(np.mean([r["predicted"] == r["answer"] for r in records])) if records else None
 
 
-def strong_classes(study) -> dict[str, set[str]]:
+def strong_classes(study, tables: dict) -> dict[str, set[str]]:
+    """Teacher-/student-strong classes from both models' `summary` tables on the switch's split."""
     split = study.config.switch.split
-    tables = summary(study, MODALITIES, [split])
     groups = {"teacher-strong": set(), "student-strong": set(), "similar": set()}
     if split not in tables.get(study.teacher, {}) or split not in tables.get(study.student, {}):
         return groups  # the evaluate stage has not scored both models there yet
@@ -47,7 +47,7 @@ def designed_groups(study) -> dict[str, set[str]]:
         design = json.load(f)
     groups: dict[str, set[str]] = {}
     for row in design["classes"]:
-        groups.setdefault(f"designed: {row['group']}", set()).add(row["name"] if "name" in row else row["class"])
+        groups.setdefault(f"designed: {row['group']}", set()).add(row["class"])
     return groups
 
 
@@ -60,7 +60,9 @@ def build(study) -> dict:
     splits = list(study.config.distill.eval_splits)
     names = {"student (original)": study.student, "teacher": study.teacher,
              **{f"student distilled ({m})": f"student_{m}" for m in modes}}
-    groups = {**strong_classes(study), **designed_groups(study)}
+    gap_split = study.config.switch.split
+    gap_tables = summary(study, MODALITIES, [gap_split])
+    groups = {**strong_classes(study, gap_tables), **designed_groups(study)}
     results = {"direction": study.config.direction, "teacher": study.teacher, "student": study.student,
                "modes": modes, "splits": splits, "gap_threshold": GAP,
                "groups": {g: sorted(c) for g, c in groups.items()}, "accuracy": {}, "by_group": {}}
@@ -69,19 +71,17 @@ def build(study) -> dict:
             path = study.records_path(name, split)
             if not os.path.exists(path):
                 continue
-            table = summary(study, [name], [split])[name][split]
-            results["accuracy"].setdefault(label, {})[split] = table
+            records = read_records(path)
+            results["accuracy"].setdefault(label, {})[split] = accuracy(records, study.classes)
             results["by_group"].setdefault(label, {})[split] = {
-                g: group_accuracy(path, study.classes, members) for g, members in groups.items()}
+                g: group_accuracy(records, study.classes, members) for g, members in groups.items()}
     switch_metrics = study.path("switch", "metrics.json")
     if os.path.exists(switch_metrics):
         with open(switch_metrics) as f:
             results["switch"] = json.load(f)
-    split = study.config.switch.split
-    gap_tables = summary(study, MODALITIES, [split])
-    if all(split in gap_tables.get(m, {}) for m in MODALITIES):
-        results["modality_gap"] = {"split": split,
-                                   "rows": modality_gap(gap_tables["audio"][split], gap_tables["visual"][split])}
+    if all(gap_split in gap_tables.get(m, {}) for m in MODALITIES):
+        results["modality_gap"] = {"split": gap_split, "rows": modality_gap(gap_tables["audio"][gap_split],
+                                                                           gap_tables["visual"][gap_split])}
     results["checks"] = checks(results)
     timings = study.path("timings.json")
     if os.path.exists(timings):
