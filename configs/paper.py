@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data.manifest = args["manifest"] or None
     c.data.max_seconds = 10.0
+    c.data.audio_chunk_seconds = 30.0  # the processor's chunk; we compute a 10.08 s window of it
     c.data.video_fps = 2.0
     c.data.question_strategy = "uniform"
     c.data.num_options = 10

@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.world = ml_collections.ConfigDict(dict(seed=0, scale=0.25 if tiny else float(args["scale"]), fps=4.0,
                                                   workers=0))
     c.data.max_seconds = 2.0  # the toy clips' length (VGGSound: 10)
+    # Qwen2-Audio pads each clip to a chunk (the HF processor: 30 s) and we compute only the short
+    # window of it. The toy's models are trained from scratch on 2 s chunks; real checkpoints: 30.
+    c.data.audio_chunk_seconds = 2.0
     c.data.video_fps = 4.0
     c.data.max_pixels = 28 * 28 * 1280
     c.data.num_options = 10
@@ -69,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.models = ml_collections.ConfigDict()
     c.models.audio = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))  # None: warm start's
     c.models.visual = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))
+    # The language models' attention: "xla" | "cudnn" | "flash" (Pallas, TPU); None: by backend.
+    c.models.attention_impl = config_dict.placeholder(str)
 
     c.warm_start = ml_collections.ConfigDict()
     c.warm_start.split = "pretrain"
@@ -123,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.weight_decay = 0.0
     c.distill.clip_norm = 1.0
     c.distill.accumulate_steps = 1
+    c.distill.remat = "none"  # the student's decoder layers in training: none | dots | full
     c.distill.checkpoint_every = 2 if tiny else 10
     c.distill.log_every = 1 if tiny else 5
     c.distill.eval_splits = ("test", "unseen")

@@ -134,8 +134,19 @@ def num_audio_tokens(num_frames: int) -> int:
     return (((num_frames - 1) // 2 + 1) - 2) // 2 + 1
 
 
+def window_frames(clip_seconds: float, *, chunk_seconds: float = MAX_SECONDS, multiple: int = 8) -> int:
+    """Frames of the short window for clips of at most `clip_seconds`: the real frames plus the
+    two after them (what the audio tower's last real position reads), rounded up to `multiple`,
+    at most the chunk's frames. Over this window the tower gives the padded chunk's embeddings.
+    """
+    chunk_frames = _max_samples(SAMPLE_RATE, chunk_seconds) // HOP_LENGTH
+    real = num_audio_frames(_max_samples(SAMPLE_RATE, clip_seconds), max_seconds=chunk_seconds)
+    return min(chunk_frames, -(-(real + 2) // multiple) * multiple)
+
+
 def log_mel_features(waveform: np.ndarray, *, sample_rate: int = SAMPLE_RATE, n_mels: int = N_MELS,
-                     max_seconds: float = MAX_SECONDS, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     max_seconds: float = MAX_SECONDS, truncate: bool = False,
+                     num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Log-mel features of one mono clip, padded to `max_seconds`.
 
     Args:
@@ -145,6 +156,10 @@ def log_mel_features(waveform: np.ndarray, *, sample_rate: int = SAMPLE_RATE, n_
         max_seconds: length every clip is zero-padded to (the extractor's chunk_length).
         truncate: cut clips longer than `max_seconds` (what the extractor does
             silently); by default they are an error, so that audio is not lost unnoticed.
+        num_frames: keep only the first `num_frames` frames of the padded features, computed
+            without the rest (`window_frames`: no 30 s of padding for a 10 s clip). They are
+            exactly the padded path's: the frames after the clip are silence, whose log-mel is
+            the floor, so the clamp's maximum is the same. The clip must end 2 frames before.
 
     Returns:
         `(input_features [n_mels, T] float32, feature_attention_mask [T] int32)`,
@@ -155,7 +170,15 @@ def log_mel_features(waveform: np.ndarray, *, sample_rate: int = SAMPLE_RATE, n_
     """
     waveform = _check_clip(waveform, sample_rate, max_seconds, truncate)
     max_samples = _max_samples(sample_rate, max_seconds)
-    num_frames = max_samples // HOP_LENGTH  # the STFT's last frame is dropped
+    chunk_frames = max_samples // HOP_LENGTH  # the STFT's last frame is dropped
+    if num_frames is None or num_frames >= chunk_frames:
+        num_frames = chunk_frames
+    else:
+        if math.ceil(waveform.size / HOP_LENGTH) + 2 > num_frames:
+            raise ValueError(f"audio is {waveform.size / sample_rate:.3f} s ({waveform.size} samples): it does not "
+                             f"fit a window of {num_frames} frames ({num_frames * HOP_LENGTH / sample_rate:g} s "
+                             "less 2 frames); cut it or raise the window")
+        max_samples = num_frames * HOP_LENGTH + N_FFT  # every kept frame sees the same zeros as the chunk
 
     padded = np.zeros(max_samples, np.float64)
     padded[:waveform.size] = waveform

@@ -50,20 +50,25 @@ class PromptTransform:
 class Qwen2AudioTransform(PromptTransform):
     """Log-mel features + the Qwen2-Audio multiple-choice prompt of one clip.
 
-    Output: input_features float32 [128, T], feature_attention_mask int32 [T] (T = max_seconds
-    * 100, 3000 for the 30 s window every Qwen2-Audio clip is padded to) and input_ids int32
+    Output: input_features float32 [128, T], feature_attention_mask int32 [T] and input_ids int32
     [prompt length] with one <|AUDIO|> per audio-encoder output frame; `padding()` left-pads
-    input_ids and adds attention_mask.
+    input_ids and adds attention_mask. Every Qwen2-Audio clip is padded to a `chunk_seconds`
+    chunk (30 s, the processor's); T is the short window of clips of at most `max_seconds`
+    (`audio.window_frames`: 1008 frames for 10 s), over which the features and the tower's
+    embeddings equal the padded chunk's, without computing 20 s of padding.
     """
 
-    def __init__(self, tokenizer_dir: str, *, max_seconds: float = audio.MAX_SECONDS, **prompt_kw):
+    def __init__(self, tokenizer_dir: str, *, max_seconds: float = audio.MAX_SECONDS,
+                 chunk_seconds: float = audio.MAX_SECONDS, **prompt_kw):
         super().__init__(tokenizer_dir, **prompt_kw)
         self.max_seconds = max_seconds
+        self.chunk_seconds = chunk_seconds
+        self.num_frames = audio.window_frames(max_seconds, chunk_seconds=chunk_seconds)
 
     def __call__(self, example: dict) -> dict:
         try:
             features, mask = audio.log_mel_features(example["audio"], sample_rate=example["sample_rate"],
-                                                    max_seconds=self.max_seconds)
+                                                    max_seconds=self.chunk_seconds, num_frames=self.num_frames)
         except ValueError as e:
             raise ValueError(f"clip {example['clip_id']}: {e}") from e
         num_tokens = audio.num_audio_tokens(int(mask.sum()))

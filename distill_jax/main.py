@@ -63,6 +63,14 @@ def check_config(config, stages) -> None:
         if not os.path.isfile(config.switch.backbone):
             raise ConfigError(f"config.switch.backbone={config.switch.backbone!r} is not a file: the switch starts "
                               "from a pretrained PANN Cnn14 checkpoint (configs/paper.py: pann=...)")
+    from distill_jax.layers.attention import IMPLEMENTATIONS
+    from distill_jax.models.qwen2 import REMAT_POLICIES
+
+    if config.distill.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.distill.remat={config.distill.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if config.models.attention_impl is not None and config.models.attention_impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"config.models.attention_impl={config.models.attention_impl!r}; expected None or one "
+                          f"of {IMPLEMENTATIONS}")
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; expected float32 or bfloat16")
 

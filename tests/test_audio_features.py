@@ -142,3 +142,27 @@ def test_batch_bad_input():
         audio.batch_log_mel_features([noise(1.0)], sample_rate=8000)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         audio.num_audio_frames(0)
+
+
+@pytest.mark.parametrize("seconds", [10.0, 7.3, 0.5])
+def test_short_window_is_the_padded_chunk_cut(extractor, seconds):
+    """No 30 s of padding for a 10 s clip: the 1008-frame window equals the first 1008 frames of
+    the processor's 30 s features (exactly: the clamp's maximum is the same), mask included."""
+    rng = np.random.RandomState(3)
+    clip = (0.1 * rng.randn(int(seconds * audio.SAMPLE_RATE))).astype(np.float32)
+    frames = audio.window_frames(10.0)
+    assert frames == 1008  # 1000 real frames + the 2 the tower reads after them, rounded up to 8
+    short, short_mask = audio.log_mel_features(clip, num_frames=frames)
+    full = extractor(clip, sampling_rate=16000, return_tensors="np", return_attention_mask=True,
+                     padding="max_length")
+    reference, _ = audio.log_mel_features(clip)
+    assert short.shape == (128, frames)
+    np.testing.assert_array_equal(short, reference[:, :frames])
+    np.testing.assert_allclose(short, full["input_features"][0][:, :frames], atol=1e-4)
+    np.testing.assert_array_equal(short_mask, full["attention_mask"][0][:frames])
+
+
+def test_short_window_refuses_a_clip_it_cannot_hold():
+    assert audio.window_frames(2.0, chunk_seconds=2.0) == 200  # never beyond the chunk
+    with pytest.raises(ValueError, match="does not fit a window of 1008 frames"):
+        audio.log_mel_features(np.zeros(int(10.07 * 16000), np.float32), num_frames=1008)

@@ -133,6 +133,8 @@ def test_killed_distill_resumes_to_the_same_weights(tiny_run, tmp_path):
     (lambda c: setattr(c, "direction", "sideways"), "config.direction='sideways'"),
     (lambda c: setattr(c.distill, "modes", ("learned", "sometimes")), "config.distill.modes"),
     (lambda c: setattr(c.distill, "loss", "soft"), "config.distill.loss='soft'"),
+    (lambda c: setattr(c.distill, "remat", "most"), "config.distill.remat='most'"),
+    (lambda c: setattr(c.models, "attention_impl", "splash"), "config.models.attention_impl='splash'"),
 ])
 def test_bad_config_values_are_named(edit, match, tmp_path):
     config = toy.get_config()

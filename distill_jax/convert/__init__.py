@@ -9,6 +9,7 @@ key names), so models trained here (the toy world's warm start) load through the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -122,11 +123,24 @@ def key_map_for(model: nnx.Module) -> KeyMap:
     raise ValueError(f"no key map for {type(model).__name__}")
 
 
-def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None) -> nnx.Module:
-    """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`."""
+def with_language_model_options(config, **options):
+    """`config` with its language model's run options replaced (`remat`, `attention_impl`)."""
+    if hasattr(config, "text"):
+        return dataclasses.replace(config, text=dataclasses.replace(config.text, **options))
+    return dataclasses.replace(config, **options)
+
+
+def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: str = "none",
+            attention_impl: str | None = None) -> nnx.Module:
+    """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`.
+
+    `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
+    layers.attention.IMPLEMENTATIONS); the towers pick their attention by backend.
+    """
     hf_config = read_hf_config(path)
     family = family_of(hf_config)
-    config = family.config_from_hf(hf_config, dtype)
+    config = with_language_model_options(family.config_from_hf(hf_config, dtype), remat=remat,
+                                         attention_impl=attention_impl)
     abstract = abstract_model(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
     ckpt = SafetensorsCheckpoint(path)
     return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)

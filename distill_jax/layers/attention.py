@@ -2,12 +2,27 @@
 
 Masks are boolean [B, 1, T, S] (True = may attend). Grouped-query attention is
 native in `jax.nn.dot_product_attention` (query heads a multiple of kv heads),
-so keys/values are never repeated in memory.
+so keys/values are never repeated in memory there.
+
+Implementations (a model config's `attention_impl`; None picks one by backend):
+- "xla": `jax.nn.dot_product_attention` lowered by XLA (materialises the scores);
+- "cudnn": the same call through cuDNN's fused kernel (GPU, bf16/fp16 only). Only when asked
+  for: never run here (no GPU), and a left-padded row that is fully masked may come out
+  NaN there and poison the next layer's keys, so the GPU default stays "xla";
+- "flash": the Pallas TPU flash-attention kernel (never materialises the [T, S] scores),
+  for causal self-attention over left-padded rows (the decoder's training and scoring
+  passes); under a mesh it runs per shard through `shard_map` (batch and heads split).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+IMPLEMENTATIONS = ("xla", "cudnn", "flash")
+FLASH_BLOCK = 128  # the Pallas kernel's default block: sequence lengths must be multiples of it
 
 
 def causal_padding_mask(key_valid: jax.Array, query_length: int, offset: jax.Array | int = 0) -> jax.Array:
@@ -21,11 +36,74 @@ def causal_padding_mask(key_valid: jax.Array, query_length: int, offset: jax.Arr
     return causal[None, None, :, :] & key_valid.astype(bool)[:, None, None, :]
 
 
+def check_implementation(name: str | None) -> None:
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl={name!r}; known: {IMPLEMENTATIONS} or None (chosen by backend)")
+
+
+def choose_implementation(name: str | None, query: jax.Array, *, causal_self: bool) -> str:
+    """The implementation to run: `name` if given, else the backend's best that these shapes allow."""
+    check_implementation(name)
+    backend = jax.default_backend()
+    if name == "flash":
+        if not causal_self:
+            raise ValueError("attention_impl='flash' serves causal self-attention without a KV cache only")
+        return name
+    if name is not None:
+        return name
+    if backend == "tpu" and causal_self and query.shape[1] % FLASH_BLOCK == 0:
+        return "flash"
+    return "xla"
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-              *, scale: float, implementation: str | None = None) -> jax.Array:
+              *, scale: float, implementation: str | None = None, key_valid: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T * scale + mask) v; q [B, T, N, H], k/v [B, S, K, H], N % K == 0.
 
-    Fully masked query rows (left padding) come out as a uniform average, never NaN.
+    Fully masked query rows (left padding) come out as a uniform average, never NaN
+    (with "flash" they attend to the other padding slots instead; either way their output
+    is never read). `key_valid` [B, S] marks real tokens when `mask` is causal & key_valid
+    with T == S (a decoder pass without cache): only then may "flash" run.
     """
-    return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, scale=scale, implementation=implementation)
+    causal_self = key_valid is not None and query.shape[1] == key.shape[1]
+    impl = choose_implementation(implementation, query, causal_self=causal_self)
+    if impl == "flash":
+        return flash_attention(query, key, value, key_valid, scale=scale)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=impl)
+
+
+def _flash_local(query, key, value, segment_ids, *, scale):
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
+    repeats = query.shape[2] // key.shape[2]
+    to_heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, T, N, H] -> [B, N, T, H]
+    q, k, v = (to_heads_first(x) for x in (query, jnp.repeat(key, repeats, 2), jnp.repeat(value, repeats, 2)))
+    out = pallas_flash.flash_attention(
+        q, k, v, segment_ids=pallas_flash.SegmentIds(q=segment_ids, kv=segment_ids),
+        causal=True, sm_scale=scale)
+    return to_heads_first(out)
+
+
+def flash_attention(query, key, value, key_valid, *, scale: float) -> jax.Array:
+    """Causal self-attention through the Pallas TPU flash kernel; left padding as its own segment.
+
+    Real tokens are segment 1 and padding segment 0, so a real token never sees padding.
+    Under a mesh the kernel runs per shard: batch over the batch axes, heads over "tensor".
+    """
+    if query.shape[1] % FLASH_BLOCK:
+        raise ValueError(f"flash attention needs the sequence length to be a multiple of {FLASH_BLOCK}, "
+                         f"got {query.shape[1]} (use prompt buckets that are, or attention_impl='xla')")
+    segment_ids = key_valid.astype(jnp.int32)
+    local = functools.partial(_flash_local, scale=scale)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(query, key, value, segment_ids)
+    from distill_jax.sharding import LOGICAL_RULES, _fit_spec
+
+    batch = _fit_spec(PartitionSpec(LOGICAL_RULES["batch"]), query.shape[:1], mesh)[0]
+    heads = LOGICAL_RULES["act_heads"]
+    if key.shape[2] % mesh.shape[heads] or query.shape[2] % mesh.shape[heads]:
+        heads = None  # too few kv heads to split: every shard keeps all heads
+    qkv_spec = PartitionSpec(batch, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(batch, None)),
+                         out_specs=qkv_spec, check_vma=False)(query, key, value, segment_ids)

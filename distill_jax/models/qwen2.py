@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill_jax.layers.attention import attention, causal_padding_mask
+from distill_jax.layers.attention import attention, causal_padding_mask, check_implementation
 from distill_jax.layers.linear import Embed, Linear
 from distill_jax.layers.norms import RMSNorm
 from distill_jax.layers.rope import apply_rope, rope_angles, rope_cos_sin
@@ -27,6 +27,16 @@ _HF_DEFAULTS = dict(
     max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
     rope_theta=10000.0, use_sliding_window=False,
 )
+
+
+# Rematerialisation of each decoder layer in training (jax.checkpoint policies): "none" keeps
+# every activation the backward pass needs; "dots" keeps the matmul outputs and recomputes the
+# cheap elementwise work; "full" keeps only each layer's input and recomputes the layer.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +61,13 @@ class Qwen2Config:
     # Not Hugging Face's: how we compute.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation; None = auto
+    attention_impl: str | None = None  # layers.attention.IMPLEMENTATIONS; None = chosen by backend
+    remat: str = "none"  # REMAT_POLICIES: what the backward pass keeps of each decoder layer
 
     def __post_init__(self):
+        check_implementation(self.attention_impl)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; known: {sorted(REMAT_POLICIES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -157,7 +171,7 @@ class Qwen2Attention(nnx.Module):
         self.v_proj = Linear(d, kv, axes=("embed", "kv_heads"), use_bias=True, **kw)
         self.o_proj = Linear(q, d, axes=("q_heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None, key_valid=None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -169,8 +183,8 @@ class Qwen2Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
                                                     cache_index, axis=1)
             layer_cache = {"k": k, "v": v}
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                        scale=self.head_dim ** -0.5, implementation=self.attention_impl)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.head_dim ** -0.5,
+                        implementation=self.attention_impl, key_valid=None if layer_cache is not None else key_valid)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), layer_cache
 
 
@@ -199,11 +213,26 @@ class Qwen2DecoderLayer(nnx.Module):
                                                 param_dtype=pd, rngs=rngs)
         self.mlp = Qwen2MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
-        attn_out, layer_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, cache_index)
+    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None, key_valid=None):
+        attn_out, layer_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, cache_index,
+                                               key_valid)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed")), layer_cache
+
+
+def remat_layer(layer: Qwen2DecoderLayer, policy, x, cos, sin, mask, key_valid):
+    """`layer(x)` under jax.checkpoint: its backward pass recomputes what `policy` does not save.
+
+    A pure function of the layer's split state (nnx.remat would write the state back, which a
+    module merged inside the train step's value_and_grad may not do).
+    """
+    graphdef, state = nnx.split(layer)
+
+    def forward(state, x, cos, sin, mask, key_valid):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, None, 0, key_valid)[0]
+
+    return jax.checkpoint(forward, policy=policy)(state, x, cos, sin, mask, key_valid)
 
 
 def default_position_ids(attention_mask: jax.Array, cache_key_valid: jax.Array | None = None) -> jax.Array:
@@ -248,10 +277,14 @@ class Qwen2Model(nnx.Module):
         cos, sin = rope_cos_sin(rope_angles(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section),
                                 x.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
+        if cache is None and cfg.remat != "none":
+            for layer in self.layers:
+                x = remat_layer(layer, REMAT_POLICIES[cfg.remat], x, cos, sin, mask, key_valid)
+            return self.norm(x)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
+            x, layer_cache = layer(x, cos, sin, mask, layer_cache, index, key_valid if cache is None else None)
             new_layers.append(layer_cache)
         x = self.norm(x)
         if cache is None:

@@ -125,7 +125,8 @@ class Study:
         prompt = dict(question_template=data.question_template, system=data.system_prompt or None)
         tokenizer_dir = tokenizer_dir or self.model_dir(modality)
         if modality == "audio":
-            return transforms.Qwen2AudioTransform(tokenizer_dir, max_seconds=data.max_seconds, **prompt)
+            return transforms.Qwen2AudioTransform(tokenizer_dir, max_seconds=data.max_seconds,
+                                                  chunk_seconds=data.audio_chunk_seconds, **prompt)
         return transforms.Qwen2VLTransform(tokenizer_dir, config=vision.VisionPreprocessConfig(
             fps=data.video_fps, max_pixels=data.max_pixels), **prompt)
 
@@ -158,7 +159,9 @@ class Study:
     def letter_ids(self, modality: str) -> list[int]:
         return prompts.letter_token_ids(self.tokenizer(modality), prompts.LETTERS[:self.num_options()])
 
-    def load_model(self, modality: str):
+    def load_model(self, modality: str, *, remat: str = "none"):
+        """`modality`'s model; `remat` for a model that will be trained (config.distill.remat)."""
         from distill_jax.convert import load_hf
 
-        return load_hf(self.model_dir(modality), dtype=self.config.compute_dtype, mesh=self.mesh)
+        return load_hf(self.model_dir(modality), dtype=self.config.compute_dtype, mesh=self.mesh, remat=remat,
+                       attention_impl=self.config.models.attention_impl)

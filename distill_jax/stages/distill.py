@@ -57,7 +57,7 @@ def total_steps(study) -> int:
 
 def student_with_lora(study):
     cfg = study.config.distill
-    model = study.load_model(study.student)
+    model = study.load_model(study.student, remat=cfg.remat)
     lora.apply_lora(model, lora.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                            target_modules=tuple(cfg.lora.targets)),
                     rngs=nnx.Rngs(study.config.seed + 100))
