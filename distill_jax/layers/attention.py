@@ -11,7 +11,9 @@ Implementations (a model config's `attention_impl`; None picks one by backend):
   NaN there and poison the next layer's keys, so the GPU default stays "xla";
 - "flash": the Pallas TPU flash-attention kernel (never materialises the [T, S] scores),
   for causal self-attention over left-padded rows (the decoder's training and scoring
-  passes); under a mesh it runs per shard through `shard_map` (batch and heads split).
+  passes); under a mesh it runs per shard through `shard_map` (batch and heads split). Chosen
+  by default when compiling for TPU (the mesh's devices) with head_dim and length multiples of
+  128 (Mosaic refused the kernel for head_dim 16).
 """
 from __future__ import annotations
 
@@ -41,17 +43,25 @@ def check_implementation(name: str | None) -> None:
         raise ValueError(f"attention_impl={name!r}; known: {IMPLEMENTATIONS} or None (chosen by backend)")
 
 
+def target_platform() -> str:
+    """The platform the program is compiled for: the ambient mesh's devices' (a TPU topology's when
+    compiling ahead of time on a CPU machine), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def choose_implementation(name: str | None, query: jax.Array, *, causal_self: bool) -> str:
     """The implementation to run: `name` if given, else the backend's best that these shapes allow."""
     check_implementation(name)
-    backend = jax.default_backend()
+    backend = target_platform()
     if name == "flash":
         if not causal_self:
             raise ValueError("attention_impl='flash' serves causal self-attention without a KV cache only")
         return name
     if name is not None:
         return name
-    if backend == "tpu" and causal_self and query.shape[1] % FLASH_BLOCK == 0:
+    if backend == "tpu" and causal_self and query.shape[1] % FLASH_BLOCK == 0 and query.shape[-1] % 128 == 0:
         return "flash"
     return "xla"
 
