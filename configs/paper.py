@@ -8,7 +8,9 @@
 Arguments (comma-separated key=value after the colon): direction=vl_to_audio|audio_to_vl,
 audio= / visual= (Hugging Face checkpoint directories, converted on load by convert.load_hf),
 manifest= (the converted VGGSound manifest), pann= (a PANN Cnn14 .pth or its safetensors copy),
-mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device).
+mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device), topology=v5e-8|v4-8|v5p-8 (a
+preset below: mesh, batch sizes and remat proven to fit that slice by compiling for it,
+`benchmarks/tpu_aot.py`; it replaces mesh=).
 
 The paper's settings are the defaults: 10 shuffled options per question, LoRA rank 16 on the
 LLM's attention and MLP projections (q, k, v, o, gate, up, down), one epoch over the training
@@ -19,9 +21,25 @@ import ml_collections
 
 from configs import toy
 
+# Per TPU slice: what fits, from `JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py` (libtpu's compiler,
+# per-chip peak memory of the compiled Qwen2-Audio-7B distill step and Qwen2-VL-7B scoring step;
+# figures in benchmarks/README.md). distill_batch / label_batch are global batch sizes.
+TOPOLOGY_PRESETS = {
+    "v5e-8": dict(mesh="1x8x1", distill_batch=32, remat="full", label_batch=16),  # 8 chips x 16 GiB
+    "v4-8": dict(mesh="1x4x1", distill_batch=32, remat="full", label_batch=16),  # 4 chips x 32 GiB
+    "v5p-8": dict(mesh="1x4x1", distill_batch=32, remat="full", label_batch=16),  # 4 chips x 95 GiB
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1")
+    args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1",
+                         topology="")
+    preset = {}
+    if args["topology"]:
+        if args["topology"] not in TOPOLOGY_PRESETS:
+            raise ValueError(f"config argument topology={args['topology']!r}; presets: {sorted(TOPOLOGY_PRESETS)}")
+        preset = TOPOLOGY_PRESETS[args["topology"]]
+        args["mesh"] = preset["mesh"]
     c = toy.get_config(f"direction={args['direction']}")
     c.toy = False
     c.stages = ("prepare", "evaluate", "switch", "label", "distill", "report")
@@ -56,14 +74,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.switch.batch_size = 32
     c.switch.epochs = 10
 
-    c.label.batch_size = 16
+    c.label.batch_size = preset.get("label_batch", 16)
     c.label.chunk_batches = 64
 
     c.distill.modes = ("learned",)
     c.distill.lora.rank = 16
     c.distill.lora.alpha = 32.0
     c.distill.lora.dropout = 0.0  # the train step does not support dropout (see train/step.py)
-    c.distill.batch_size = 32
+    c.distill.batch_size = preset.get("distill_batch", 32)
+    c.distill.remat = preset.get("remat", "full")
     c.distill.epochs = 1
     c.distill.learning_rate = 1e-4
     c.distill.warmup_steps = 100

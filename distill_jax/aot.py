@@ -1,0 +1,273 @@
+"""TPU without a TPU: the paper-scale programs compiled for real TPU topologies.
+
+libtpu (`pip install "jax[tpu]"`) compiles for a TPU slice described by
+`jax.experimental.topologies` on any machine; the compiled program reports XLA's per-chip
+memory (arguments, temporaries, outputs) and FLOPs. We compile the real programs: the
+Qwen2-Audio-7B LoRA distill step (`train.step.make_train_step`) and the Qwen2-VL-7B letter
+scoring step (what `decoding.score_choices` runs), on abstract bf16 weights sharded by the
+rules table, to prove a mesh/batch/remat preset fits a slice before renting it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from distill_jax import sharding
+from distill_jax.models import lora
+from distill_jax.models.qwen2_audio import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from distill_jax.train.step import OptimizerConfig, init_state, make_optimizer, make_train_step
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: how libtpu names it, and each chip's HBM and peak bf16 FLOP/s (Google's specs)."""
+
+    name: str
+    topology: str
+    hbm_gib: float
+    peak_tflops: float
+    options: tuple = ()  # extra get_topology_desc keywords
+
+    def devices(self):
+        from jax.experimental import topologies
+        return topologies.get_topology_desc(platform="tpu", topology_name=self.topology,
+                                            **dict(self.options)).devices
+
+
+# v4 runs "megacore" (one device per chip, its two TensorCores fused), as a v4-8 VM does.
+TOPOLOGIES = {
+    "v5e-8": Topology("v5e-8", "v5e:2x4", hbm_gib=16.0, peak_tflops=197.0),
+    "v4-8": Topology("v4-8", "v4:2x2x1", hbm_gib=32.0, peak_tflops=275.0,
+                     options=(("chip_config_name", "megacore"),)),
+    "v5p-8": Topology("v5p-8", "v5p:2x2x1", hbm_gib=95.0, peak_tflops=459.0),
+}
+
+
+def libtpu_available() -> bool:
+    try:
+        TOPOLOGIES["v5e-8"].devices()
+    except Exception:  # no libtpu, or one too old for this jax: the caller says what to install
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One program's shapes and knobs (a `configs/paper.py` topology preset fills these)."""
+
+    mesh: tuple[int, int, int] = (1, -1, 1)  # data x fsdp x tensor
+    batch_size: int = 32  # global
+    prompt_length: int = 512  # the prompt bucket (10 s clip: 250 audio tokens + ~100-token question)
+    remat: str = "full"
+    attention_impl: str | None = None
+    lora_rank: int = 16
+    audio_frames: int = 1008  # the 10 s clip's short window (data_pipelines.audio.window_frames(10))
+    video_grid: tuple[int, int, int] = (10, 26, 46)  # 20 frames of 360x640 -> 364x644: t/2, h/14, w/14
+    num_letters: int = 10
+    model: str = "7b"  # the model presets ("tiny": a seconds-long check of this module)
+
+
+@dataclasses.dataclass
+class Compiled:
+    program: str
+    topology: Topology
+    workload: Workload
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    flops: float  # XLA's count for one chip's program (remat's recomputation included)
+    model_flops: float  # per chip: what the step must compute (`model_flops`), for MFU
+
+    @property
+    def peak_bytes(self) -> int:
+        """Per chip: arguments + temporaries + outputs, less outputs that reuse donated arguments."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.topology.hbm_gib * GIB
+
+    def mfu(self, step_seconds: float) -> float:
+        return self.model_flops / (step_seconds * self.topology.peak_tflops * 1e12)
+
+
+def _matmul_params(state) -> int:
+    """Parameters that multiply every token: all but embedding and position tables."""
+    return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(state)
+               if x.ndim >= 2 and not any("embed" in str(p) for p in path))
+
+
+def transformer_flops(params: int, positions: int, *, layers: int, context: int, width: int, train: bool) -> float:
+    """Model FLOPs of a transformer over `positions` positions attending over `context` each.
+
+    Forward: 2 per matmul parameter per position, plus 4 * context * width per layer and
+    position for the attention scores and their weighted sum. A LoRA step adds the backward's
+    input gradients: 2 more per parameter (frozen weights get no weight gradient: 4N in all)
+    and twice the attention's forward (remat's recomputation is not counted: it is not needed).
+    """
+    matmul, attention = 2 * params * positions, 4 * layers * context * width * positions
+    return 2 * matmul + 3 * attention if train else matmul + attention
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings` (a tree with one sharding per leaf)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    flat = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if len(flat) != len(leaves):
+        raise ValueError(f"{len(flat)} shardings for {len(leaves)} arrays")
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, flat)])
+
+
+def variable_shardings(tree, mesh):
+    """A sharding per leaf: nnx Variables by their logical axes (the rules table), the rest replicated."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("out_sharding")
+            shape = np.shape(x.get_value())
+            spec = sharding._fit_spec(sharding.logical_to_mesh(axes), shape, mesh) if axes else PartitionSpec()
+            return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _batch_shardings(batch, mesh):
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+    ways = math.prod(mesh.shape[a] for a in axes or ())
+
+    def one(x):
+        spec = PartitionSpec(axes) if x.ndim and x.shape[0] % ways == 0 else PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, batch)
+
+
+def _finish(program, topology, workload, lowered, start, flops_needed) -> Compiled:
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return Compiled(program, topology, workload, seconds, memory.argument_size_in_bytes,
+                    memory.output_size_in_bytes, memory.temp_size_in_bytes, memory.alias_size_in_bytes,
+                    float(cost.get("flops", 0.0)), flops_needed / len(topology.devices()))
+
+
+def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
+    """The Qwen2-Audio-7B LoRA distill step (forward, backward, AdamW), bf16 weights, fp32 LoRA."""
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
+    text_options = dict(remat=workload.remat, attention_impl=workload.attention_impl)
+    config = Qwen2AudioConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, **text_options))
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=100, total_steps=5000))
+    graphdefs = []
+
+    def state():
+        model = Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(0))
+        lora.apply_lora(model, lora.LoraConfig(rank=workload.lora_rank, alpha=2.0 * workload.lora_rank),
+                        rngs=nnx.Rngs(1))
+        graphdef, state = init_state(model, tx)
+        graphdefs.append(graphdef)
+        return state
+
+    start = time.perf_counter()
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        abstract_state = jax.eval_shape(state)
+    b, t, f = workload.batch_size, workload.prompt_length, workload.audio_frames
+    batch = {
+        "inputs": {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+                   "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+                   "input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
+                   "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32)},
+        "targets": {"switch_closed": jax.ShapeDtypeStruct((b,), jnp.bool_),
+                    "teacher_letter": jax.ShapeDtypeStruct((b,), jnp.int32),
+                    "teacher_logits": jax.ShapeDtypeStruct((b, workload.num_letters), jnp.float32),
+                    "student_letter": jax.ShapeDtypeStruct((b,), jnp.int32),
+                    "weight": jax.ShapeDtypeStruct((b,), jnp.float32)},
+    }
+    step = make_train_step(graphdefs[0], tx, list(range(32, 32 + workload.num_letters)))
+    with jax.set_mesh(mesh):
+        lowered = step.lower(_abstract(abstract_state, variable_shardings(abstract_state, mesh)),
+                             _abstract(batch, _batch_shardings(batch, mesh)))
+    lm = _matmul_params(abstract_state["frozen"]["language_model"]) - _matmul_params(
+        abstract_state["frozen"]["language_model"]["lm_head"])  # only 10 letter columns are used
+    text, audio = config.text, config.audio
+    needed = (transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
+                                width=text.num_attention_heads * text.head_dim, train=True)
+              + transformer_flops(_matmul_params(abstract_state["frozen"]["audio_tower"]), b * f // 2,
+                                  layers=audio.encoder_layers, context=f // 2, width=audio.d_model, train=False))
+    return _finish("Qwen2-Audio-7B LoRA distill step", topology, workload, lowered, start, needed)
+
+
+def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
+    """The Qwen2-VL-7B teacher's letter scoring (one forward pass) on 20-frame video clips, bf16."""
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
+    config = Qwen2VLConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
+    start = time.perf_counter()
+    abstract = sharding.abstract_model(lambda: Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract)
+    b, t = workload.batch_size, workload.prompt_length
+    grid = workload.video_grid
+    patches = b * math.prod(grid)
+    video_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2
+    if video_tokens >= t:
+        raise ValueError(f"prompt_length {t} cannot hold the clip's {video_tokens} video tokens")
+    grids = (("video_grid_thw", (grid,) * b),)
+    letters = jnp.arange(32, 32 + workload.num_letters, dtype=jnp.int32)
+
+    @jax.jit
+    def score(params, batch):
+        model = nnx.merge(graphdef, params)
+        hidden = model.hidden_states(**batch, **dict(grids))
+        return model.logits(hidden[:, -1], letters)
+
+    batch = {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "position_ids": jax.ShapeDtypeStruct((3, b, t), jnp.int32),
+             "pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
+    with jax.set_mesh(mesh):
+        lowered = score.lower(_abstract(params, variable_shardings(params, mesh)),
+                              _abstract(batch, _batch_shardings(batch, mesh)))
+    lm = _matmul_params(params["language_model"]) - _matmul_params(params["language_model"]["lm_head"])
+    text, vision = config.text, config.vision
+    segment = grid[1] * grid[2]  # vision attention runs within each temporal patch
+    needed = (transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
+                                width=text.num_attention_heads * text.head_dim, train=False)
+              + transformer_flops(_matmul_params(params["visual"]), patches, layers=vision.depth, context=segment,
+                                  width=vision.embed_dim, train=False))
+    return _finish("Qwen2-VL-7B teacher scoring step", topology, workload, lowered, start, needed)
+
+
+PROGRAMS = {"distill": audio_distill_step, "score": visual_score_step}
+
+
+def workloads(config) -> dict[str, Workload]:
+    """The distill and teacher-scoring workloads a run config describes (mesh, batches, remat,
+    attention, the prompt buckets that hold a 10 s clip's audio or 20 frames' video prompt)."""
+    mesh = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    buckets = sorted(config.data.prompt_buckets)
+    question_tokens = 128  # a 10-way VGGSound question with the system prompt and chat template: ~100
+    audio_tokens = 250  # 10 s
+    video_tokens = math.prod(Workload.video_grid) // 4
+    bucket = lambda n: next(b for b in buckets if b >= n)  # noqa: E731
+    common = dict(mesh=mesh, attention_impl=config.models.attention_impl, lora_rank=config.distill.lora.rank,
+                  num_letters=config.data.num_options)
+    return {"distill": Workload(batch_size=config.distill.batch_size,
+                                prompt_length=bucket(audio_tokens + question_tokens), remat=config.distill.remat,
+                                **common),
+            "score": Workload(batch_size=config.label.batch_size,
+                              prompt_length=bucket(video_tokens + question_tokens),
+                              remat="none", **common)}

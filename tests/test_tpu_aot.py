@@ -1,0 +1,41 @@
+"""TPU without a TPU: programs compiled for TPU slices by libtpu (skipped where it is not installed).
+
+CI does not install libtpu (the 7B compiles take minutes each on 2 cores); install it with
+`pip install "jax[tpu]==<jax version>"` and run `pytest -m slow tests/test_tpu_aot.py` for the
+paper-scale check.
+"""
+import dataclasses
+
+import pytest
+
+from configs import paper
+from distill_jax import aot
+
+pytestmark = pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu is not installed")
+
+
+@pytest.mark.parametrize("program", sorted(aot.PROGRAMS))
+def test_tiny_programs_compile_for_v5e_8(program):
+    """The machinery at tiny size: sharded over the 8 chips, memory and FLOPs reported."""
+    workload = dataclasses.replace(aot.workloads(paper.get_config("topology=v5e-8"))[program], model="tiny")
+    result = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-8"], workload)
+    assert result.argument_bytes > 0 and result.temp_bytes > 0 and result.flops > 0
+    assert result.fits and result.peak_bytes < 2 * aot.GIB
+
+
+def test_bigger_batch_needs_more_memory():
+    small = dataclasses.replace(aot.Workload(mesh=(1, 8, 1), batch_size=8, remat="none"), model="tiny")
+    big = dataclasses.replace(small, batch_size=64)
+    topology = aot.TOPOLOGIES["v5e-8"]
+    assert aot.audio_distill_step(topology, big).temp_bytes > aot.audio_distill_step(topology, small).temp_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", sorted(aot.PROGRAMS))
+def test_v5e_8_presets_fit_16_gib_per_chip(program):
+    """configs/paper.py's v5e-8 preset: the 7B programs fit a v5e chip's 16 GiB."""
+    workload = aot.workloads(paper.get_config("topology=v5e-8"))[program]
+    result = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-8"], workload)
+    assert result.topology.hbm_gib == 16
+    assert result.fits, f"{result.program}: {result.peak_bytes / aot.GIB:.2f} GiB per chip > 16 GiB"
+    assert result.argument_bytes > 1 * aot.GIB  # really the 7B weights (sharded 8 ways: ~2 GiB a chip)
