@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args["topology"]:
         if args["topology"] not in TOPOLOGY_PRESETS:
             raise ValueError(f"config argument topology={args['topology']!r}; presets: {sorted(TOPOLOGY_PRESETS)}")
+        if args["mesh"] != "1x-1x1":
+            raise ValueError(f"config arguments topology={args['topology']} and mesh={args['mesh']}: the "
+                             "topology's preset sets the mesh; give one of them")
         preset = TOPOLOGY_PRESETS[args["topology"]]
         args["mesh"] = preset["mesh"]
     c = toy.get_config(f"direction={args['direction']}")

@@ -72,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.models = ml_collections.ConfigDict()
     c.models.audio = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))  # None: warm start's
     c.models.visual = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))
-    # The language models' attention: "xla" | "cudnn" | "flash" (Pallas, TPU); None: by backend.
+    # The language models' attention: "xla" | "cudnn" | "flash" (Pallas, TPU; passes with a KV cache
+    # run "xla"); None: by the platform ("flash" on TPU where shapes allow, else "xla").
     c.models.attention_impl = config_dict.placeholder(str)
 
     c.warm_start = ml_collections.ConfigDict()

@@ -134,20 +134,29 @@ def num_audio_tokens(num_frames: int) -> int:
     return (((num_frames - 1) // 2 + 1) - 2) // 2 + 1
 
 
+FRAMES_PER_TOKEN = 4  # mel frames per audio token: a stride-2 conv, then a stride-2 pool
+
+
+def short_window(real_frames: int, *, multiple: int = 8, max_frames: int = MAX_FRAMES) -> int:
+    """The smallest window (a multiple of `multiple`) over which the audio tower gives the padded
+    chunk's embeddings: every real frame plus the two after it, which the last real position of
+    the stride-2 conv reads (F = (L - 1) // 2 + 1 outputs read frames up to 2F <= L + 1)."""
+    if multiple % FRAMES_PER_TOKEN:
+        raise ValueError(f"multiple must be a multiple of {FRAMES_PER_TOKEN}, got {multiple}")
+    return min(max_frames, -(-(real_frames + 2) // multiple) * multiple)
+
+
 def window_frames(clip_seconds: float, *, chunk_seconds: float = MAX_SECONDS, multiple: int = 8) -> int:
-    """Frames of the short window for clips of at most `clip_seconds`: the real frames plus the
-    two after them (what the audio tower's last real position reads), rounded up to `multiple`,
-    at most the chunk's frames. Over this window the tower gives the padded chunk's embeddings.
-    """
+    """`short_window` of clips of at most `clip_seconds`, within the chunk they are padded to."""
     chunk_frames = _max_samples(SAMPLE_RATE, chunk_seconds) // HOP_LENGTH
     real = num_audio_frames(_max_samples(SAMPLE_RATE, clip_seconds), max_seconds=chunk_seconds)
-    return min(chunk_frames, -(-(real + 2) // multiple) * multiple)
+    return short_window(real, multiple=multiple, max_frames=chunk_frames)
 
 
 def log_mel_features(waveform: np.ndarray, *, sample_rate: int = SAMPLE_RATE, n_mels: int = N_MELS,
                      max_seconds: float = MAX_SECONDS, truncate: bool = False,
                      num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Log-mel features of one mono clip, padded to `max_seconds`.
+    """Log-mel features of one mono clip, padded to `max_seconds` (or the first `num_frames` of them).
 
     Args:
         waveform: 1-D samples at 16 kHz, nominally in [-1, 1].
@@ -163,7 +172,8 @@ def log_mel_features(waveform: np.ndarray, *, sample_rate: int = SAMPLE_RATE, n_
 
     Returns:
         `(input_features [n_mels, T] float32, feature_attention_mask [T] int32)`,
-        T = max_seconds * 16000 // 160 (3000 for 30 s); the mask is 1 on real frames.
+        T = num_frames if given, else max_seconds * 16000 // 160 (3000 for 30 s); the mask
+        is 1 on real frames.
 
     Raises:
         ValueError: wrong sample rate, not 1-D, empty, non-finite samples, or too long.

@@ -136,7 +136,7 @@ def variable_shardings(tree, mesh):
         if isinstance(x, nnx.Variable):
             axes = x.get_metadata().get("out_sharding")
             shape = np.shape(x.get_value())
-            spec = sharding._fit_spec(sharding.logical_to_mesh(axes), shape, mesh) if axes else PartitionSpec()
+            spec = sharding.fit_spec(sharding.logical_to_mesh(axes), shape, mesh) if axes else PartitionSpec()
             return NamedSharding(mesh, spec)
         return NamedSharding(mesh, PartitionSpec())
 

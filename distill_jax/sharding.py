@@ -95,7 +95,7 @@ def logical_to_mesh(logical_axes, *, name: str = "<value>", rules=None) -> Parti
     return PartitionSpec(*spec)
 
 
-def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
     """Drop mesh axes from dims they do not divide (e.g. tiny test models, odd vocab sizes)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -135,7 +135,7 @@ def param_partition_specs(state: nnx.State, mesh: Mesh | None = None) -> nnx.Sta
         except UnmatchedAxisError as e:
             problems.append(str(e))
             return PartitionSpec()
-        return _fit_spec(spec, shape, mesh) if mesh is not None else spec
+        return fit_spec(spec, shape, mesh) if mesh is not None else spec
 
     specs = nnx.map_state(spec_of, state)
     if problems:
@@ -181,4 +181,4 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
     if mesh.empty:
         return x
     spec = logical_to_mesh(logical_axes)
-    return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))

@@ -135,7 +135,7 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
     """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`.
 
     `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
-    layers.attention.IMPLEMENTATIONS); the towers pick their attention by backend.
+    layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla".
     """
     hf_config = read_hf_config(path)
     family = family_of(hf_config)

@@ -11,7 +11,7 @@ Implementations (a model config's `attention_impl`; None picks one by backend):
   NaN there and poison the next layer's keys, so the GPU default stays "xla";
 - "flash": the Pallas TPU flash-attention kernel (never materialises the [T, S] scores),
   for causal self-attention over left-padded rows (the decoder's training and scoring
-  passes); under a mesh it runs per shard through `shard_map` (batch and heads split). Chosen
+  passes; a pass with a KV cache runs "xla"); under a mesh it runs per shard through `shard_map` (batch and heads split). Chosen
   by default when compiling for TPU (the mesh's devices) with head_dim and length multiples of
   128 (Mosaic refused the kernel for head_dim 16).
 """
@@ -56,9 +56,7 @@ def choose_implementation(name: str | None, query: jax.Array, *, causal_self: bo
     check_implementation(name)
     backend = target_platform()
     if name == "flash":
-        if not causal_self:
-            raise ValueError("attention_impl='flash' serves causal self-attention without a KV cache only")
-        return name
+        return name if causal_self else "xla"  # e.g. generate's cached steps: the kernel has no offset
     if name is not None:
         return name
     if backend == "tpu" and causal_self and query.shape[1] % FLASH_BLOCK == 0 and query.shape[-1] % 128 == 0:
@@ -98,7 +96,8 @@ def flash_attention(query, key, value, key_valid, *, scale: float) -> jax.Array:
     """Causal self-attention through the Pallas TPU flash kernel; left padding as its own segment.
 
     Real tokens are segment 1 and padding segment 0, so a real token never sees padding.
-    Under a mesh the kernel runs per shard: batch over the batch axes, heads over "tensor".
+    Under a mesh the kernel runs per shard: batch over the batch axes, heads over "tensor" when
+    the kv heads divide it (else every tensor shard computes all heads).
     """
     if query.shape[1] % FLASH_BLOCK:
         raise ValueError(f"flash attention needs the sequence length to be a multiple of {FLASH_BLOCK}, "
@@ -108,9 +107,9 @@ def flash_attention(query, key, value, key_valid, *, scale: float) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(query, key, value, segment_ids)
-    from distill_jax.sharding import LOGICAL_RULES, _fit_spec
+    from distill_jax.sharding import LOGICAL_RULES, fit_spec
 
-    batch = _fit_spec(PartitionSpec(LOGICAL_RULES["batch"]), query.shape[:1], mesh)[0]
+    batch = fit_spec(PartitionSpec(LOGICAL_RULES["batch"]), query.shape[:1], mesh)[0]
     heads = LOGICAL_RULES["act_heads"]
     if key.shape[2] % mesh.shape[heads] or query.shape[2] % mesh.shape[heads]:
         heads = None  # too few kv heads to split: every shard keeps all heads

@@ -184,7 +184,7 @@ class Qwen2Attention(nnx.Module):
                                                     cache_index, axis=1)
             layer_cache = {"k": k, "v": v}
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.head_dim ** -0.5,
-                        implementation=self.attention_impl, key_valid=None if layer_cache is not None else key_valid)
+                        implementation=self.attention_impl, key_valid=key_valid)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), layer_cache
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipelines.audio import MAX_FRAMES, num_audio_tokens
+from data_pipelines.audio import FRAMES_PER_TOKEN, MAX_FRAMES, num_audio_tokens, short_window
 from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Conv1d, Embed, Linear
 from distill_jax.layers.norms import LayerNorm
@@ -31,7 +31,6 @@ from distill_jax.sharding import constrain
 _AUDIO_DEFAULTS = dict(num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
                        d_model=1280, max_source_positions=1500, activation_function="gelu",
                        scale_embedding=False)
-FRAMES_PER_TOKEN = 4  # conv2 stride 2 x average pooling 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +120,10 @@ def feature_lengths(feature_attention_mask: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def short_clip_frames(feature_attention_mask, *, multiple: int = 8, max_frames: int = MAX_FRAMES) -> int:
-    """The smallest window (a multiple of `multiple`) whose encoding equals the 30 s padded path's.
-
-    Every real frame plus the two after it must be inside the window: the last real
-    conv2 output reads conv1 outputs up to frame 2F, F = (L - 1) // 2 + 1 <= (L + 2) / 2.
-    """
-    if multiple % FRAMES_PER_TOKEN:
-        raise ValueError(f"multiple must be a multiple of {FRAMES_PER_TOKEN}, got {multiple}")
+    """The batch's `audio.short_window`: the smallest window (a multiple of `multiple`) whose
+    encoding equals the 30 s padded path's, for the longest clip of the mask."""
     longest = int(np.max(np.sum(np.asarray(feature_attention_mask), axis=-1)))
-    return min(max_frames, -(-(longest + 2) // multiple) * multiple)
+    return short_window(longest, multiple=multiple, max_frames=max_frames)
 
 
 class Qwen2AudioAttention(nnx.Module):
