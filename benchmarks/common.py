@@ -11,6 +11,16 @@ import time
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
 
 
+def add_language_model_args(parser) -> None:
+    """The small Qwen2 language model the CPU benchmarks share (sizes as flags)."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=704)
+    parser.add_argument("--vocab", type=int, default=4096)
+
+
 def time_steps(step, *, warmup: int, steps: int) -> list[float]:
     """Wall-clock seconds of each of `steps` calls of `step()` after `warmup` calls.
 

@@ -1,8 +1,11 @@
 """LoRA distill-style training step: our jitted step vs HF + peft (PyTorch eager), same machine, same run.
 
-One step = forward + backward + AdamW update of the LoRA parameters only, with a
-next-token cross-entropy loss over the batch. Both sides start from the same
-random Qwen2 weights (ours loaded from the HF model through our converter).
+One step = forward + backward + AdamW update of the LoRA parameters only. --loss=distill
+(default) is the distill step's loss: cross-entropy of 10 letter logits at the last position
+(ours: `hidden_states` + `logits(token_ids=letters)`; HF: `logits_to_keep=1`, the cheapest HF
+way, then the letter columns). --loss=lm is next-token cross-entropy over every position and
+the whole vocabulary. Both sides start from the same random Qwen2 weights (ours loaded from
+the HF model through our converter). --remat sets our decoder layers' remat policy.
 
     python benchmarks/lora_step.py                      # small config, runs on 2 CPU cores
     python benchmarks/lora_step.py --hidden=512 --layers=8 --seq=256
@@ -25,25 +28,27 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import append_result, machine, median_ms, print_table, time_steps, versions  # noqa: E402
+from common import (add_language_model_args, append_result, machine, median_ms, print_table,  # noqa: E402
+                    time_steps, versions)
 from distill_jax.convert import load_hf  # noqa: E402
 from distill_jax.models import lora  # noqa: E402
 
 
+LETTERS = list(range(10, 20))  # the 10 answer letters' token ids (any 10 ids of the vocabulary)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=704)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_language_model_args(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--loss", choices=["distill", "lm"], default="distill")
+    p.add_argument("--remat", choices=["none", "dots", "full"], default="none")
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.jsonl")
     return p.parse_args()
 
 
@@ -73,11 +78,17 @@ def torch_step_fn(hf_model, args, ids, mask):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
 
+    letters_t, targets_t = torch.tensor(LETTERS), torch.tensor(np.arange(args.batch) % len(LETTERS))
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = peft_model(input_ids=ids_t, attention_mask=mask_t).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids_t[:, 1:].reshape(-1))
+        if args.loss == "distill":
+            logits = peft_model(input_ids=ids_t, attention_mask=mask_t, logits_to_keep=1).logits[:, -1, letters_t]
+            loss = torch.nn.functional.cross_entropy(logits, targets_t)
+        else:
+            logits = peft_model(input_ids=ids_t, attention_mask=mask_t).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids_t[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
         return float(loss)
@@ -86,7 +97,7 @@ def torch_step_fn(hf_model, args, ids, mask):
 
 
 def jax_step_fn(path, args, ids, mask):
-    model = load_hf(path)
+    model = load_hf(path, remat=args.remat)
     lora.apply_lora(model, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank), rngs=nnx.Rngs(0))
     graphdef, lora_params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     tx = optax.adamw(1e-4)
@@ -95,13 +106,19 @@ def jax_step_fn(path, args, ids, mask):
     @partial(jax.jit, donate_argnums=(0, 1))
     def train_step(lora_params, opt_state, frozen, ids, mask):
         def loss_fn(lora_params):
-            logits = nnx.merge(graphdef, lora_params, frozen)(input_ids=ids, attention_mask=mask)
+            model = nnx.merge(graphdef, lora_params, frozen)
+            if args.loss == "distill":
+                hidden = model.hidden_states(input_ids=ids, attention_mask=mask)[:, -1]
+                logits = model.logits(hidden, jnp.asarray(LETTERS))
+                return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            logits = model(input_ids=ids, attention_mask=mask)
             return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(lora_params)
         updates, opt_state = tx.update(grads, opt_state, lora_params)
         return optax.apply_updates(lora_params, updates), opt_state, loss
 
+    targets = jnp.asarray(np.arange(args.batch) % len(LETTERS))
     state = {"lora": lora_params, "opt": opt_state}
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
 
@@ -136,10 +153,13 @@ def main():
         ("distill_jax (jit)", f"{jax_ms:.1f}", f"{tokens / jax_ms * 1000:.0f}", f"{compile_s:.1f}"),
         ("HF + peft (eager)", f"{torch_ms:.1f}", f"{tokens / torch_ms * 1000:.0f}", "-"),
     ]
-    print(f"LoRA step: hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens, "
+    print(f"LoRA step ({args.loss} loss, our remat {args.remat}): hidden {args.hidden}, {args.layers} layers, "
+          f"batch {args.batch} x {args.seq} tokens, "
           f"rank {args.rank} ({jax_lora:,} LoRA parameters)")
     print_table(rows, ("implementation", "median step ms", "tokens/s", "first call s"))
     print(f"speed-up (HF + peft / ours): {torch_ms / jax_ms:.2f}x")
+    if args.no_record:
+        return
     append_result({"benchmark": "lora_step", "config": config, "machine": machine(),
                    "versions": versions("jax", "flax", "torch", "transformers", "peft"),
                    "ours_ms": jax_ms, "hf_peft_ms": torch_ms, "ratio": torch_ms / jax_ms,

@@ -9,11 +9,18 @@ Presets (records are made here, in a temporary directory):
     python benchmarks/pipeline.py --presets=toy --workers=0,2 --batches=40
 
 Worker counts: 0 = in the main process (its `read_threads` threads); N = N Grain worker
-processes. Prints a table and appends a JSON line to benchmarks/results.jsonl.
+processes.
+
+Headroom: the best rate with the transform against the rate the distill step consumes clips
+(batch / step time) at paper scale, from the latest `tpu_aot.py` record of each slice: the
+Qwen2-Audio-7B distill step at 50 % MFU (a v5e-8, v4-8 or v5p-8 is one host). Printed with
+the host cores that rate needs at this machine's per-core rate. Prints the tables and appends
+a JSON line to benchmarks/results.jsonl.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -24,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from common import append_result, machine, print_table, versions  # noqa: E402
+from common import RESULTS, append_result, machine, print_table, versions  # noqa: E402
 from data_pipelines import media, tfrecord  # noqa: E402
 from data_pipelines import toy_world as tw  # noqa: E402
 from data_pipelines.pipeline import PipelineConfig, make_dataset  # noqa: E402
@@ -56,7 +63,25 @@ def vggsound_like_clip(i: int) -> tfrecord.Clip:
                          fps=2.0, split="train")
 
 
-PRESETS = {"toy": (toy_clip, 2.0), "10s20f": (vggsound_like_clip, 30.0)}  # clip maker, log-mel window s
+# clip maker, clip seconds, the chunk the audio is padded to (the window is computed, not the padding)
+PRESETS = {"toy": (toy_clip, 2.0, 2.0), "10s20f": (vggsound_like_clip, 10.0, 30.0)}
+PEAK_TFLOPS = {"v5e-8": 197.0, "v4-8": 275.0, "v5p-8": 459.0}
+
+
+def distill_consumption() -> list[tuple[str, float]]:
+    """(slice, clips/s) the 7B distill step eats at 50 % MFU, from the latest tpu_aot records."""
+    latest = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("benchmark") == "tpu_aot" and "distill" in r["program"] and "model_flops_per_chip" in r:
+                    latest[r["topology"]] = r
+    out = []
+    for name, r in sorted(latest.items()):
+        step_s = r["model_flops_per_chip"] / (0.5 * PEAK_TFLOPS[name] * 1e12)
+        out.append((name, r["workload"]["batch_size"] / step_s))
+    return out
 
 
 def write_records(path: str, make_clip, count: int) -> None:
@@ -100,12 +125,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = make_qwen2_tokenizer(os.path.join(tmp, "tok"))
         for preset in args.presets.split(","):
-            make_clip, window = PRESETS[preset]
+            make_clip, clip_seconds, chunk_seconds = PRESETS[preset]
             path = os.path.join(tmp, f"{preset}.tfrecord")
             write_records(path, make_clip, args.records)
             mb_per_record = os.path.getsize(path) / args.records / 1e6
             for with_transform in (False, True):
-                transform = Qwen2AudioTransform(tokenizer_dir, max_seconds=window) if with_transform else None
+                transform = Qwen2AudioTransform(tokenizer_dir, max_seconds=clip_seconds,
+                                                chunk_seconds=chunk_seconds) if with_transform else None
                 for workers in (int(w) for w in args.workers.split(",")):
                     rate, first = examples_per_second(path, batch_size=args.batch_size, batches=args.batches,
                                                       workers=workers, transform=transform)
@@ -115,8 +141,20 @@ def main():
                                         workers=workers, examples_per_s=rate, first_batch_s=first))
     print(f"pipeline throughput, batch {args.batch_size}, {args.batches} timed batches, {os.cpu_count()} CPUs")
     print_table(rows, ("preset", "MB/record", "pipeline", "workers", "examples/s", "first batch s"))
+    best = max((r["examples_per_s"] for r in results if r["preset"] == "10s20f" and r["transform"]), default=None)
+    headroom = []
+    if best is not None:
+        per_core = best / os.cpu_count()
+        rows = []
+        for name, needed in distill_consumption():
+            headroom.append(dict(slice=name, needed_clips_per_s=needed, headroom=best / needed,
+                                 cores_needed=needed / per_core))
+            rows.append((name, f"{needed:.1f}", f"{best:.1f}", f"{best / needed:.2f}x", f"{needed / per_core:.0f}"))
+        print(f"\nheadroom: 10s20f clips with the transform ({best:.1f}/s here, {os.cpu_count()} CPUs) vs the "
+              "Qwen2-Audio-7B distill step at 50 % MFU (benchmarks/tpu_aot.py)")
+        print_table(rows, ("slice", "step eats clips/s", "pipeline clips/s here", "headroom", "host cores needed"))
     append_result({"benchmark": "pipeline", "config": vars(args), "machine": machine(),
-                   "versions": versions("grain", "av", "numpy"), "results": results})
+                   "versions": versions("grain", "av", "numpy"), "results": results, "headroom": headroom})
 
 
 if __name__ == "__main__":

@@ -105,6 +105,16 @@ def make_mesh(config):
         raise ConfigError(f"config.mesh={dict(config.mesh)} does not fit the {jax.device_count()} devices: {e}") from e
 
 
+def enable_compilation_cache(workdir: str, min_compile_time_s: float = 0.0) -> None:
+    """Compiled programs are kept in <workdir>/jax_cache and reused by reruns and resumed runs.
+
+    Every program is cached, not only those over JAX's default 1 s of compile time: the toy run's
+    many small programs then compile once (benchmarks/compile_cache.py measures both).
+    """
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+
+
 def run(config, workdir: str, stages=None) -> common.Study:
     """Run `stages` (default: the config's) of the study into `workdir`."""
     from distill_jax.stages import distill, evaluate, label, prepare, report, switch, warm_start
@@ -119,8 +129,7 @@ def run(config, workdir: str, stages=None) -> common.Study:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
-    # Compiled programs are reused across reruns of the workdir.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    enable_compilation_cache(workdir)
     study = common.Study(config, workdir, mesh)
     timings_file = os.path.join(workdir, "timings.json")  # seconds of each stage's latest run
     with jax.set_mesh(mesh):
