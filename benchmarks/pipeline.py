@@ -36,6 +36,7 @@ from data_pipelines import media, tfrecord  # noqa: E402
 from data_pipelines import toy_world as tw  # noqa: E402
 from data_pipelines.pipeline import PipelineConfig, make_dataset  # noqa: E402
 from data_pipelines.transforms import Qwen2AudioTransform  # noqa: E402
+from distill_jax.aot import TOPOLOGIES  # noqa: E402
 from distill_jax.toy_tokenizer import make_qwen2_tokenizer  # noqa: E402
 
 CLASSES = [c.name for c in tw.CLASSES]
@@ -65,7 +66,6 @@ def vggsound_like_clip(i: int) -> tfrecord.Clip:
 
 # clip maker, clip seconds, the chunk the audio is padded to (the window is computed, not the padding)
 PRESETS = {"toy": (toy_clip, 2.0, 2.0), "10s20f": (vggsound_like_clip, 10.0, 30.0)}
-PEAK_TFLOPS = {"v5e-8": 197.0, "v4-8": 275.0, "v5p-8": 459.0}
 
 
 def distill_consumption() -> list[tuple[str, float]]:
@@ -79,7 +79,7 @@ def distill_consumption() -> list[tuple[str, float]]:
                     latest[r["topology"]] = r
     out = []
     for name, r in sorted(latest.items()):
-        step_s = r["model_flops_per_chip"] / (0.5 * PEAK_TFLOPS[name] * 1e12)
+        step_s = r["model_flops_per_chip"] / (0.5 * TOPOLOGIES[name].peak_tflops * 1e12)
         out.append((name, r["workload"]["batch_size"] / step_s))
     return out
 
