@@ -13,7 +13,8 @@ Implementations (a model config's `attention_impl`; None picks one by backend):
   for causal self-attention over left-padded rows (the decoder's training and scoring
   passes; a pass with a KV cache runs "xla"); under a mesh it runs per shard through `shard_map` (batch and heads split). Chosen
   by default when compiling for TPU (the mesh's devices) with head_dim and length multiples of
-  128 (Mosaic refused the kernel for head_dim 16).
+  128 (the 7B models' head_dim; smaller ones are untried), unless bf16 matmuls are asked for at
+  "highest" precision (jax_default_matmul_precision), which Mosaic refuses in this kernel.
 """
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def choose_implementation(name: str | None, query: jax.Array, *, causal_self: bo
         return name if causal_self else "xla"  # e.g. generate's cached steps: the kernel has no offset
     if name is not None:
         return name
-    if backend == "tpu" and causal_self and query.shape[1] % FLASH_BLOCK == 0 and query.shape[-1] % 128 == 0:
+    # Mosaic refuses the kernel's bf16 matmuls at "highest" precision ("Bad lhs type").
+    highest = query.dtype == jnp.bfloat16 and jax.config.jax_default_matmul_precision in ("highest", "float32")
+    if (backend == "tpu" and causal_self and query.shape[1] % FLASH_BLOCK == 0 and query.shape[-1] % 128 == 0
+            and not highest):
         return "flash"
     return "xla"
 
