@@ -30,21 +30,24 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     return values
 
 
-def tower(learning_rate, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
-          tower_dim=64, tower_layers=2, tower_heads=4):
-    """A toy model's sizes and its warm-start peak learning rate."""
+def tower(learning_rate, steps, batch_size, warmup_steps, hidden_size=128, intermediate_size=256, num_layers=2,
+          num_heads=4, num_kv_heads=2, tower_dim=64, tower_layers=2, tower_heads=4):
+    """A toy model's sizes and its warm start: peak learning rate, steps, batch size, warmup steps."""
     return ml_collections.ConfigDict(dict(
-        learning_rate=learning_rate, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        learning_rate=learning_rate, steps=steps, batch_size=batch_size, warmup_steps=warmup_steps,
+        hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, tower_dim=tower_dim,
         tower_layers=tower_layers, tower_heads=tower_heads))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, direction="vl_to_audio", scale="1.0", tiny="0")
+    args = parse_arg(arg, direction="vl_to_audio", scale="1.0", tiny="0", seeds="1")
     tiny = args["tiny"] not in ("0", "", "false", "False")
     c = ml_collections.ConfigDict()
     c.toy = True
-    c.seed = 0
+    # Each seed repeats the whole study (world, warm start, switch, distillation) in workdir/seed_<s>/;
+    # the report pools the findings over them and gives mean +- sd.
+    c.seeds = tuple(range(int(args["seeds"])))
     c.direction = args["direction"]
     c.stages = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
@@ -52,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = config_dict.placeholder(str)  # None: the toy world's, in the workdir
-    c.data.world = ml_collections.ConfigDict(dict(seed=0, scale=0.25 if tiny else float(args["scale"]), fps=4.0,
+    c.data.world = ml_collections.ConfigDict(dict(scale=0.25 if tiny else float(args["scale"]), fps=4.0,
                                                   workers=0))
     c.data.max_seconds = 2.0  # the toy clips' length (VGGSound: 10)
     # Qwen2-Audio pads each clip to a chunk (the HF processor: 30 s) and we compute only the short
@@ -65,7 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.question_seed = 0
     c.data.question_template = prompts.DEFAULT_QUESTION
     c.data.system_prompt = prompts.DEFAULT_SYSTEM
-    c.data.prompt_buckets = (128, 256, 384, 512, 1024)
+    # The toy prompts list all 20 classes: 165 tokens (visual) and 205 (audio); tight buckets save a
+    # third of the visual model's compute.
+    c.data.prompt_buckets = (128, 176, 208, 256, 512, 1024)
     c.data.on_error = "raise"
     c.data.worker_count = 0
 
@@ -78,14 +83,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.warm_start = ml_collections.ConfigDict()
     c.warm_start.split = "pretrain"
-    c.warm_start.steps = 4 if tiny else 300
-    c.warm_start.batch_size = 8 if tiny else 16
-    c.warm_start.warmup_steps = 1 if tiny else 30
     c.warm_start.weight_decay = 0.0
     c.warm_start.log_every = 2 if tiny else 50
-    # Measured on the default world (300 steps): the visual model stays at chance (loss ln 20)
-    # with a peak of 3e-3 and reaches 0.78 on test with 1e-3; the audio model learns at 3e-3.
-    c.warm_start.models = ml_collections.ConfigDict(dict(audio=tower(3e-3), visual=tower(1e-3, tower_dim=32)))
+    # Measured on the default world. Audio: 400 steps of 16 at 3e-3 left errors outside the scrambled
+    # groups (chainsaw heard as cello: a sensory confusion the design does not intend; 73 % of the
+    # scrambled classes' answers stayed in their group); 300 steps of 32 keep 98 % in the group, 73 %
+    # overall. Visual: it learns slowly and unstably: 300 steps of 16 at 1e-3 left it at 0.62-0.80 on
+    # test (at 2e-3: 0.31), 600 of 16 at 1e-3: 0.83; batches of 32 at 1.5e-3 with a longer warmup
+    # train it steadily (loss 0.41 after 300 steps).
+    c.warm_start.models = ml_collections.ConfigDict(dict(
+        audio=tower(3e-3, steps=4 if tiny else 300, batch_size=8 if tiny else 32, warmup_steps=1 if tiny else 60),
+        visual=tower(1.5e-3, steps=4 if tiny else 400, batch_size=8 if tiny else 32, warmup_steps=1 if tiny else 60,
+                     tower_dim=32)))
 
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.splits = ("analysis", "test", "unseen")
@@ -113,7 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.label.chunk_batches = 2 if tiny else 8  # batches per resumable records file
 
     c.distill = ml_collections.ConfigDict()
-    c.distill.modes = ("learned", "always")  # switch modes to train: learned | always | never | oracle
+    # The learned switch and its controls: `always` (no switch), `never` (own answers only: as many
+    # steps without the teacher) and `oracle` (the teacher exactly where it is right and the student wrong).
+    c.distill.modes = ("learned", "always", "never", "oracle")
     c.distill.loss = "labels"  # "labels": CE to the teacher's letter; "logits": KL at `temperature`
     c.distill.temperature = 1.0
     c.distill.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0,
@@ -124,7 +135,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.max_steps = config_dict.placeholder(int)  # None: epochs x clips / batch
     if tiny:
         c.distill.max_steps = 6
-    c.distill.learning_rate = 2e-3
+    # At 2e-3 the student did not learn the unlearned classes from the teacher's letters in 96
+    # steps where the other clips' targets are its own answers (oracle switch: race car 0 -> 0 %
+    # on test); at 5e-3 it did (0 -> 95 %). Measured on the default world.
+    c.distill.learning_rate = 5e-3
     c.distill.warmup_steps = 1 if tiny else 4
     c.distill.weight_decay = 0.0
     c.distill.clip_norm = 1.0

@@ -1,9 +1,10 @@
 """The study, end to end: `python -m distill_jax.main --config=configs/<file>.py:<args> --workdir=DIR`.
 
 With no flags it runs the toy world (configs/toy.py) into ./workdir and prints the results
-table. Stages run in the order prepare, warm_start, evaluate, switch, label, distill, report
-(`--stages=evaluate,report` picks some); each skips what the workdir already holds, so a
-rerun resumes. Config values that cannot work are refused before any stage starts.
+table. Stages run in the order prepare, warm_start, evaluate, switch, label, distill, once per
+seed of `config.seeds` (each seed repeats the whole study in DIR/seed_<s>/), then report, over
+all seeds, into DIR (`--stages=evaluate,report` picks some); each skips what the workdir already
+holds, so a rerun resumes. Config values that cannot work are refused before any stage starts.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def check_config(config, stages) -> None:
     unknown = [s for s in stages if s not in common.STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(common.STAGES)}")
+    seeds = tuple(config.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds):
+        raise ConfigError(f"config.seeds={seeds}: expected distinct integers in [0, 2**31), at least one")
     if config.direction not in common.ROLES:
         raise ConfigError(f"config.direction={config.direction!r}; expected one of {sorted(common.ROLES)}")
     from distill_jax.stages.label import SWITCH_MODES
@@ -87,7 +91,8 @@ def check_workdir(config, workdir: str) -> None:
         return
     with open(previous_file) as f:
         previous = json.load(f)
-    directed = [d for d in _DIRECTED_OUTPUTS if os.path.exists(os.path.join(workdir, d))]
+    seeds = sorted(n for n in os.listdir(workdir) if n.startswith("seed_"))
+    directed = sorted({d for n in seeds for d in _DIRECTED_OUTPUTS if os.path.exists(os.path.join(workdir, n, d))})
     if previous.get("direction") != config.direction and directed:
         raise ConfigError(f"workdir {workdir} holds {directed} made with direction={previous.get('direction')!r}; "
                           f"config.direction={config.direction!r} needs another workdir (or delete those)")
@@ -115,12 +120,38 @@ def enable_compilation_cache(workdir: str, min_compile_time_s: float = 0.0) -> N
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
 
 
-def run(config, workdir: str, stages=None) -> common.Study:
-    """Run `stages` (default: the config's) of the study into `workdir`."""
+def seed_config(config, seed: int):
+    """One seed's run config: `config` with `seed` set (the toy world, warm start, switch and
+    distillation are all seeded by it)."""
+    one = config.copy_and_resolve_references()
+    with one.unlocked():
+        one.seed = int(seed)
+    one.lock()
+    return one
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+    """Where one seed's stage outputs live: every seed repeats the whole study."""
+    return os.path.join(workdir, f"seed_{int(seed)}")
+
+
+def _record_time(timings_file: str, stage: str, seconds: float) -> None:
+    timings = {}
+    if os.path.exists(timings_file):
+        with open(timings_file) as f:
+            timings = json.load(f)
+    with open(timings_file + ".tmp", "w") as f:
+        json.dump({**timings, stage: seconds}, f, indent=1)
+    os.replace(timings_file + ".tmp", timings_file)
+
+
+def run(config, workdir: str, stages=None) -> list[common.Study]:
+    """Run `stages` (default: the config's) of the study into `workdir`, once per seed of
+    `config.seeds` (in `workdir/seed_<s>/`), then the report over all seeds (in `workdir`)."""
     from distill_jax.stages import distill, evaluate, label, prepare, report, switch, warm_start
 
     modules = {"prepare": prepare, "warm_start": warm_start, "evaluate": evaluate, "switch": switch,
-               "label": label, "distill": distill, "report": report}
+               "label": label, "distill": distill}
     stages = list(stages or config.stages)
     check_config(config, stages)
     mesh = make_mesh(config)
@@ -130,24 +161,24 @@ def run(config, workdir: str, stages=None) -> common.Study:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     enable_compilation_cache(workdir)
-    study = common.Study(config, workdir, mesh)
-    timings_file = os.path.join(workdir, "timings.json")  # seconds of each stage's latest run
+    studies = [common.Study(seed_config(config, seed), seed_dir(workdir, seed), mesh) for seed in config.seeds]
     with jax.set_mesh(mesh):
-        for stage in common.STAGES:
-            if stage not in stages:
-                continue
-            start = time.perf_counter()
-            print(f"== {stage}", flush=True)
-            modules[stage].run(study)
-            seconds = time.perf_counter() - start
-            print(f"== {stage} done in {seconds:.1f} s", flush=True)
-            timings = {}
-            if os.path.exists(timings_file):
-                with open(timings_file) as f:
-                    timings = json.load(f)
-            with open(timings_file, "w") as f:
-                json.dump({**timings, stage: seconds}, f, indent=1)
-    return study
+        for study in studies:
+            os.makedirs(study.workdir, exist_ok=True)
+            tag = f"[seed {study.config.seed}] " if len(studies) > 1 else ""
+            for stage in common.STAGES:
+                if stage not in stages or stage == "report":
+                    continue
+                start = time.perf_counter()
+                print(f"== {tag}{stage}", flush=True)
+                modules[stage].run(study)
+                seconds = time.perf_counter() - start
+                print(f"== {tag}{stage} done in {seconds:.1f} s", flush=True)
+                _record_time(study.path("timings.json"), stage, seconds)  # seconds of each stage's latest run
+        if "report" in stages:
+            print("== report", flush=True)
+            report.run(studies, workdir)
+    return studies
 
 
 def main(argv):

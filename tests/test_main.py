@@ -17,16 +17,18 @@ from configs import paper, toy
 from distill_jax import main
 from distill_jax.stages.evaluate import read_records
 
-STAGE_OUTPUTS = [
-    "data/tfrecords/toy_world.manifest.json", "tokenizer/tokenizer.json",
+SEED_OUTPUTS = [
+    "data/tfrecords/toy_world.manifest.json", "data/design.json", "tokenizer/tokenizer.json",
     "models/audio/config.json", "models/audio/model.safetensors", "models/visual/config.json",
     "eval/audio/analysis.jsonl", "eval/visual/test.jsonl", "eval/visual/unseen.jsonl", "eval/summary.json",
     "switch/metrics.json", "labels/visual-train.jsonl", "labels/audio-train.jsonl", "labels/learned.jsonl",
-    "labels/always.jsonl", "distill/learned/adapter/adapter_config.json",
+    "labels/always.jsonl", "labels/never.jsonl", "labels/oracle.jsonl", "distill/learned/adapter/adapter_config.json",
     "distill/learned/adapter/adapter_model.safetensors", "distill/always/logs/metrics.jsonl",
-    "eval/student_learned/test.jsonl", "eval/student_always/unseen.jsonl",
-    "results.md", "results.json", "per_class_accuracy.png", "modality_gap.png",
+    "eval/student_learned/test.jsonl", "eval/student_always/unseen.jsonl", "eval/student_never/test.jsonl",
+    "eval/student_oracle/test.jsonl", "results.json", "timings.json",
 ]
+STAGE_OUTPUTS = [f"seed_0/{rel}" for rel in SEED_OUTPUTS] + [
+    "results.md", "results.json", "per_class_accuracy.png", "modality_gap.png", "findings.png"]
 
 
 def _mtimes(workdir):
@@ -35,9 +37,14 @@ def _mtimes(workdir):
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, workdir)
-            if not rel.startswith(("jax_cache", "results", "timings", "config.json")) and not rel.endswith(".png"):
+            if not rel.startswith("jax_cache") and not name.startswith(("results", "timings", "config.json")) \
+                    and not rel.endswith(".png"):
                 out[rel] = os.stat(path).st_mtime_ns
     return out
+
+
+def _without_timings(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k != "timings_s"}
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +57,86 @@ def tiny_run(tmp_path_factory):
 def test_every_stage_writes_outputs_that_parse(tiny_run):
     for rel in STAGE_OUTPUTS:
         assert os.path.getsize(os.path.join(tiny_run, rel)) > 0, rel
+    seed = os.path.join(tiny_run, "seed_0")
     results = json.load(open(os.path.join(tiny_run, "results.json")))
     assert set(results["accuracy"]) == {"student (original)", "teacher", "student distilled (learned)",
-                                        "student distilled (always)"}
-    manifest = json.load(open(os.path.join(tiny_run, STAGE_OUTPUTS[0])))
+                                        "student distilled (always)", "student distilled (never)",
+                                        "student distilled (oracle)"}
+    manifest = json.load(open(os.path.join(seed, SEED_OUTPUTS[0])))
     for split in ("test", "unseen"):
-        records = read_records(os.path.join(tiny_run, "eval", "student_learned", f"{split}.jsonl"))
+        records = read_records(os.path.join(seed, "eval", "student_learned", f"{split}.jsonl"))
         assert len(records) == manifest["splits"][split]["num_examples"]  # every clip once
         assert all(len(r["letter_logits"]) == 20 for r in records)  # the toy's fixed 20-way questions
-    labels = read_records(os.path.join(tiny_run, "labels", "always.jsonl"))
+    labels = read_records(os.path.join(seed, "labels", "always.jsonl"))
     assert len(labels) == manifest["splits"]["train"]["num_examples"] and all(r["switch_closed"] for r in labels)
-    metrics = [json.loads(line) for line in open(os.path.join(tiny_run, "distill", "learned", "logs", "metrics.jsonl"))]
+    assert not any(r["switch_closed"] for r in read_records(os.path.join(seed, "labels", "never.jsonl")))
+    metrics = [json.loads(line) for line in open(os.path.join(seed, "distill", "learned", "logs", "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and np.isfinite(metrics[-1]["loss"])
-    assert "## The study's checks (measured)" in open(os.path.join(tiny_run, "results.md")).read()
-    assert json.load(open(os.path.join(tiny_run, "models", "audio", "config.json")))["model_type"] == "qwen2_audio"
+    assert json.load(open(os.path.join(seed, "models", "audio", "config.json")))["model_type"] == "qwen2_audio"
+
+
+def test_findings_are_paired_comparisons_of_the_records(tiny_run):
+    """Each finding is recomputed here from the two models' per-clip records."""
+    from distill_jax import stats
+
+    results = json.load(open(os.path.join(tiny_run, "results.json")))
+    text = open(os.path.join(tiny_run, "results.md")).read()
+    assert "## Findings (pooled over 1 seed)" in text and "McNemar p" in text
+    names = [f["name"] for f in results["findings"]]
+    assert names == ["visual_beats_audio", "distilled_beats_original", "distilled_beats_original_teacher_strong",
+                     "distilled_beats_teacher", "distilled_keeps_student_strong",
+                     "learned_beats_always_student_strong", "learned_beats_never", "distilled_beats_original_unseen"]
+    seed = os.path.join(tiny_run, "seed_0")
+    record = lambda name, split: {r["clip_id"]: r for r in read_records(os.path.join(seed, "eval", name, f"{split}.jsonl"))}
+    by_name = {f["name"]: f for f in results["findings"]}
+    for name, a_name, b_name, split in (("distilled_beats_original", "student_learned", "audio", "test"),
+                                        ("learned_beats_never", "student_learned", "student_never", "test"),
+                                        ("distilled_beats_original_unseen", "student_learned", "audio", "unseen"),
+                                        ("visual_beats_audio", "visual", "audio", "test")):
+        a, b = record(a_name, split), record(b_name, split)
+        ids = sorted(a)
+        ca = np.array([a[c]["predicted"] == a[c]["answer"] for c in ids])
+        cb = np.array([b[c]["predicted"] == b[c]["answer"] for c in ids])
+        f = by_name[name]
+        assert f["split"] == split and f["clips"] == len(ids)
+        assert f["diff"] == pytest.approx(ca.mean() - cb.mean()) and f["seeds"][0]["diff"] == pytest.approx(f["diff"])
+        assert f["p_value"] == pytest.approx(stats.mcnemar_p(ca, cb))
+        assert f["ci95"][0] <= f["diff"] <= f["ci95"][1]
+        assert f["holds"] == (f["diff"] > 0 and f["p_value"] < 0.05)
+    keeps = by_name["distilled_keeps_student_strong"]
+    if keeps["diff"] is not None:
+        assert keeps["holds"] == (keeps["ci95"][0] >= -0.02)
+    # The groups a finding restricts to are the per-seed measured ones, also in the per-seed results.
+    per_seed = json.load(open(os.path.join(seed, "results.json")))
+    assert per_seed["groups"]["teacher-strong"] == results["per_seed"][0]["groups"]["teacher-strong"]
+    assert results["switch"]["accuracy"]["per_seed"] == [per_seed["switch"]["eval"]["accuracy"]]
+
+
+def test_two_runs_give_identical_results_and_seeds_pool(tiny_run, tmp_path):
+    """A second run of the same config reproduces the first one's results exactly (apart from
+    timings); with seeds=2 the findings pool both seeds' clips and list each seed's difference."""
+    workdir = str(tmp_path / "again")
+    main.run(toy.get_config("tiny=1,seeds=2"), workdir)
+    first = json.load(open(os.path.join(tiny_run, "seed_0", "results.json")))
+    again = json.load(open(os.path.join(workdir, "seed_0", "results.json")))
+    assert again == first
+    for rel in ("eval/student_learned/test.jsonl", "labels/learned.jsonl", "switch/metrics.json"):
+        assert open(os.path.join(workdir, "seed_0", rel)).read() == open(os.path.join(tiny_run, "seed_0", rel)).read()
+    pooled = json.load(open(os.path.join(workdir, "results.json")))
+    assert pooled["seeds"] == [0, 1]
+    single = {f["name"]: f for f in json.load(open(os.path.join(tiny_run, "results.json")))["findings"]}
+    for f in pooled["findings"]:
+        if f["diff"] is None:
+            continue
+        assert [s["seed"] for s in f["seeds"]] == [0, 1]
+        assert f["seeds"][0]["diff"] == single[f["name"]]["diff"]
+        clips = [s["clips"] for s in f["seeds"]]
+        assert f["clips"] == sum(clips)
+        assert f["diff"] == pytest.approx(sum(s["diff"] * n for s, n in zip(f["seeds"], clips)) / sum(clips))
+    # Different seeds: a different world.
+    assert open(os.path.join(workdir, "seed_1", "eval", "audio", "test.jsonl")).read() != \
+        open(os.path.join(workdir, "seed_0", "eval", "audio", "test.jsonl")).read()
+    assert "± " in open(os.path.join(workdir, "results.md")).read()
 
 
 def test_rerun_does_no_work_again(tiny_run, capsys):
@@ -87,7 +160,7 @@ def _copy_without_distill(src, dst):
 
 def _order(workdir):
     order = {}
-    for line in open(os.path.join(workdir, "distill", "learned", "batches.jsonl")):
+    for line in open(os.path.join(workdir, "seed_0", "distill", "learned", "batches.jsonl")):
         row = json.loads(line)
         order[row["step"]] = row["clip_ids"]  # a resumed run repeats the steps after its checkpoint
     return order
@@ -103,7 +176,7 @@ def test_killed_distill_resumes_to_the_same_weights(tiny_run, tmp_path):
 
     proc = subprocess.Popen(_distill_cmd(interrupted, steps), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpt_dir = os.path.join(interrupted, "distill", "learned", "checkpoints")
+    ckpt_dir = os.path.join(interrupted, "seed_0", "distill", "learned", "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         done = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
@@ -114,17 +187,18 @@ def test_killed_distill_resumes_to_the_same_weights(tiny_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    assert killed_at < steps and not os.path.exists(os.path.join(interrupted, "distill", "learned", "adapter"))
+    assert killed_at < steps and not os.path.exists(os.path.join(interrupted, "seed_0", "distill", "learned", "adapter"))
 
     subprocess.run(_distill_cmd(interrupted, steps), check=True, env=env, capture_output=True)
-    a = load_file(os.path.join(interrupted, "distill", "learned", "adapter", "adapter_model.safetensors"))
-    b = load_file(os.path.join(uninterrupted, "distill", "learned", "adapter", "adapter_model.safetensors"))
+    a = load_file(os.path.join(interrupted, "seed_0", "distill", "learned", "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(uninterrupted, "seed_0", "distill", "learned", "adapter", "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=0, err_msg=key)
     assert _order(interrupted) == _order(uninterrupted) and len(_order(uninterrupted)) == steps
     for name in ("batches.jsonl", "logs/metrics.jsonl"):  # the repeated steps' lines are not doubled
-        logged = [json.loads(line)["step"] for line in open(os.path.join(interrupted, "distill", "learned", name))]
+        logged = [json.loads(line)["step"] for line in open(os.path.join(interrupted, "seed_0", "distill", "learned",
+                                                                        name))]
         assert logged == sorted(set(logged)) and logged[-1] == steps, name
 
 
@@ -176,9 +250,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
         main.run(config, workdir, ["distill"])
     bad, good = (int(n) for n in re.findall(r"step (\d+)", str(error.value)))
     assert good == bad - 1 >= 1
-    ckpts = os.listdir(os.path.join(workdir, "distill", "learned", "checkpoints"))
+    ckpts = os.listdir(os.path.join(workdir, "seed_0", "distill", "learned", "checkpoints"))
     assert max(int(d) for d in ckpts if d.isdigit()) == good
-    assert not os.path.exists(os.path.join(workdir, "distill", "learned", "adapter"))
+    assert not os.path.exists(os.path.join(workdir, "seed_0", "distill", "learned", "adapter"))
 
 
 def test_audio_to_vl_direction(tiny_run, tmp_path):
@@ -193,8 +267,9 @@ def test_audio_to_vl_direction(tiny_run, tmp_path):
         main.run(toy.get_config("tiny=1"), workdir, ["report"])
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert (results["teacher"], results["student"]) == ("audio", "visual")
-    adapter = json.load(open(os.path.join(workdir, "distill", "always", "adapter", "adapter_config.json")))
+    seed = os.path.join(workdir, "seed_0")
+    adapter = json.load(open(os.path.join(seed, "distill", "always", "adapter", "adapter_config.json")))
     assert "language_model" in adapter["target_modules"] and "visual" not in adapter["target_modules"]
-    labels = read_records(os.path.join(workdir, "labels", "always.jsonl"))
-    audio_train = {r["clip_id"]: r for r in read_records(os.path.join(workdir, "labels", "audio-train.jsonl"))}
+    labels = read_records(os.path.join(seed, "labels", "always.jsonl"))
+    audio_train = {r["clip_id"]: r for r in read_records(os.path.join(seed, "labels", "audio-train.jsonl"))}
     assert all(r["teacher_letter"] == audio_train[r["clip_id"]]["predicted"] for r in labels)

@@ -20,27 +20,44 @@ def test_design_table_is_consistent():
     names = [c.name for c in tw.CLASSES]
     assert len(set(names)) == len(names) == 20 and len(SEEN) == 16
     hard = 0.5 + np.log(tw.HARD_RATIO) / (4 * tw.HARD_SPREAD)
-    assert 0.75 < hard < 0.9
+    assert 0.65 < hard < 0.8
     table = tw.design_table()
+    groups = collections.Counter(row["designed_group"] for row in table if not row["unseen"])
+    # Shaped like the paper: the visual model wins most classes, mostly where the audio model lacks a
+    # mapping it could learn from its own input; a minority are audio's; some are clear in both.
+    assert groups == {"visual wins, audio unlearned": 6, "visual wins, audio limit": 2,
+                      "audio wins, visual limit": 6, "both clear": 2}
+    assert {row["designed_group"] for row in table if row["unseen"]} == {"visual wins, audio unlearned",
+                                                                        "audio wins, visual limit"}
     for row in table:
         weak = {"visual wins": "audio", "audio wins": "visual"}.get(row["group"])
         assert weak is not None or row["group"] == "both clear"
         for modality in ("audio", "visual"):
             partner = row[f"{modality}_partner"]
-            if modality == weak:  # hard but possible: one parameter differs, with overlapping jitter
+            scrambled = row[f"{modality}_pretrain_scrambled_with"]
+            if modality == weak and row["designed_group"].endswith("limit"):
+                # hard but possible: one parameter differs, with overlapping jitter
                 assert partner is not None and tw.CLASSES[names.index(partner)].unseen == row["unseen"]
                 assert table[names.index(partner)][f"{modality}_partner"] == row["class"]
                 assert np.isclose(max(row[f"{modality}_partner_ratio"], 1 / row[f"{modality}_partner_ratio"]),
                                   tw.HARD_RATIO, rtol=1e-3)
                 assert np.isclose(row[f"{modality}_pair_bayes_accuracy"], hard, atol=1e-3)
-                assert "overlap" in row[f"{modality}_differs"]
-            else:
+                assert "overlap" in row[f"{modality}_differs"] and not scrambled
+            elif modality == weak:  # unlearned: the sound is clear, the pretraining labels are scrambled
                 assert partner is None and row[f"{modality}_pair_bayes_accuracy"] == 1.0
-    # A hard pair shares every generator setting but the one parameter; the other modality differs.
-    chainsaw, mowing = tw.CLASSES[names.index("chainsaw")], tw.CLASSES[names.index("lawn mowing")]
-    assert chainsaw.sound.family == mowing.sound.family and chainsaw.sound.params[1:] == mowing.sound.params[1:]
-    assert 135 < chainsaw.sound.params[0] < 150 and mowing.sound.params[0] == 110
-    assert chainsaw.look.shape != mowing.look.shape
+                assert scrambled and all(table[names.index(c)]["designed_group"] == row["designed_group"]
+                                         and table[names.index(c)]["unseen"] == row["unseen"] for c in scrambled)
+            else:
+                assert partner is None and row[f"{modality}_pair_bayes_accuracy"] == 1.0 and not scrambled
+    # The scrambled groups are disjoint and their classes' sounds are different generators.
+    members = [c for group in tw.PRETRAIN_SCRAMBLED["audio"] for c in group]
+    assert len(members) == len(set(members)) == 8 and not tw.PRETRAIN_SCRAMBLED["visual"]
+    for group in tw.PRETRAIN_SCRAMBLED["audio"]:
+        sounds = [tw.CLASSES[names.index(c)].sound for c in group]
+        assert len({(s.family, s.params) for s in sounds}) == len(group)
+    police, ambulance = tw.CLASSES[names.index("police car (siren)")], tw.CLASSES[names.index("ambulance siren")]
+    assert police.sound.family == ambulance.sound.family and police.sound.params[2:] == ambulance.sound.params[2:]
+    assert police.look.shape != ambulance.look.shape
     violin, cello = tw.CLASSES[names.index("playing violin, fiddle")], tw.CLASSES[names.index("playing cello")]
     assert dataclasses.replace(violin.look, scale=cello.look.scale) == cello.look
     assert violin.sound != cello.sound
@@ -123,6 +140,14 @@ def measure_reliability(fit: int = 16, measure: int = 32) -> dict:
         predicted = np.argmin(distances, axis=1)
         alike = np.array([table[c][f"{modality}_partner"] is not None for c in truth])
         result[modality] = {"clear": float((predicted == truth)[~alike].mean()), "pairs": {}}
+        # Among the classes of each scrambled group: is the sound enough to tell which it is?
+        hits = []
+        for group in tw.PRETRAIN_SCRAMBLED[modality]:
+            index = [names.index(c) for c in group]
+            rows = np.isin(truth, index)
+            choice = np.asarray(index)[np.argmin(distances[rows][:, index], axis=1)]
+            hits.append(choice == truth[rows])
+        result[modality]["scrambled"] = float(np.concatenate(hits).mean()) if hits else None
         for a, b in pairs:
             rows = np.isin(truth, (a, b))
             choice = np.where(distances[rows, a] <= distances[rows, b], a, b)
@@ -133,8 +158,9 @@ def measure_reliability(fit: int = 16, measure: int = 32) -> dict:
 
 def test_designed_reliability_shows_in_measured_accuracy():
     """Per modality, with a nearest-centroid classifier: the two classes of a hard pair are told
-    apart clearly better than chance but well below the other modality (the design's Bayes bound
-    is 0.83), and the classifier's errors on them go to the partner; every other class is clear."""
+    apart better than chance but well below the other modality (the design's Bayes bound is 0.73),
+    and the classifier's errors on them go to the partner; every other class is clear, the
+    classes scrambled in the audio model's pretraining included (their sounds hold the answer)."""
     measured = measure_reliability()
     names, table = [c.name for c in tw.CLASSES], tw.design_table()
     hard = []
@@ -143,12 +169,13 @@ def test_designed_reliability_shows_in_measured_accuracy():
         for (a, b), (accuracy, in_pair) in measured[modality]["pairs"].items():
             if table[names.index(a)][f"{modality}_partner"] == b:  # hard in this modality
                 hard.append(accuracy)
-                assert 0.55 < accuracy < 0.9, (modality, a, b, accuracy)
+                assert 0.52 < accuracy < 0.85, (modality, a, b, accuracy)
                 assert in_pair >= 0.85, (modality, a, b, in_pair)  # the errors go to the partner
                 assert accuracy < measured[other]["pairs"][a, b][0] - 0.05, (modality, a, b)
             else:
                 assert accuracy >= 0.95, (modality, a, b, accuracy)
-    assert len(hard) == 7 and 0.65 < np.mean(hard) < 0.85, hard  # the Bayes bound: 0.83
+    assert len(hard) == 5 and 0.55 < np.mean(hard) < 0.8, hard  # the Bayes bound: 0.73
+    assert measured["audio"]["scrambled"] >= 0.95, measured["audio"]["scrambled"]
 
 
 def test_clips_are_deterministic():
@@ -167,10 +194,10 @@ def test_unseen_classes_are_in_pretrain_and_unseen_only():
     """"Unseen" = never in distillation (train/analysis/test); the warm-started models know them."""
     config = tw.WorldConfig()
     plan = tw.clip_plan(config)
-    assert len({ytid for ytid, _, _, _ in plan}) == len(plan) == 16 * (16 + 32 + 8 + 8) + 4 * (16 + 8)
+    assert len({ytid for ytid, _, _, _ in plan}) == len(plan) == 16 * (16 + 32 + 24 + 40) + 4 * (16 + 40)
     for c, toy in enumerate(tw.CLASSES):
         counts = collections.Counter(split for _, split, index, _ in plan if index == c)
-        expected = {"pretrain": 16, "unseen": 8} if toy.unseen else dict(config.per_class)
+        expected = {"pretrain": 16, "unseen": 40} if toy.unseen else dict(config.per_class)
         assert counts == expected, (toy.name, counts)
     no_pretrain = dataclasses.replace(config, per_class=(("train", 2),))
     assert {(s, tw.CLASSES[c].unseen) for _, s, c, _ in tw.clip_plan(no_pretrain)} == {("train", False),
@@ -200,8 +227,8 @@ def test_tiny_world_goes_through_the_vggsound_converter(tmp_path):
     design = json.loads((tmp_path / "world" / "design.json").read_text())
     assert design["config"] == json.loads(json.dumps(dataclasses.asdict(TINY)))
     assert [r["class"] for r in design["classes"]] == [c.name for c in tw.CLASSES]
-    assert design["hard_pairs"]["varies"]["audio"] == {"am": ["f0 Hz"], "band_noise": ["centre Hz"],
-                                                       "sweep": ["from Hz", "to Hz"]}
+    assert design["hard_pairs"]["varies"]["audio"] == {"sweep": ["from Hz", "to Hz"]}
+    assert design["pretrain_scrambled"]["audio"] == [list(g) for g in tw.PRETRAIN_SCRAMBLED["audio"]]
 
     manifest = vggsound.main(["--csv", csv_path, "--video-dir", str(tmp_path / "world" / "videos"),
                               "--out", str(tmp_path / "records"), "--name", "toy_world", "--analysis-size", "0",

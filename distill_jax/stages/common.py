@@ -1,10 +1,12 @@
 """What the stages share: the workdir's layout, the two models' roles, their pipelines and checkpoints.
 
-`Study(config, workdir, mesh)` is built once by `main` from the run config; each stage is a
-function `run(study)` that reads and writes only under `study.workdir` (and the model
-checkpoints the config names), and skips work whose output already exists.
+`Study(config, workdir, mesh)` is built by `main` for each seed of the run config (its
+`config.seed` set, its workdir `<workdir>/seed_<s>`); each stage but the report is a function
+`run(study)` that reads and writes only under `study.workdir` (and the model checkpoints the
+config names), and skips work whose output already exists. The report reads every seed's study
+and writes results.md, results.json and plots into the run's workdir.
 
-Workdir layout:
+Layout of one seed's workdir:
     data/                 the toy world (prepare); real runs name their manifest in the config
     tokenizer/            the toy world's tokenizer (real checkpoints carry their own)
     models/{audio,visual} the toy world's warm-started checkpoints (HF format)
@@ -12,7 +14,8 @@ Workdir layout:
     switch/               the trained switch and its metrics
     labels/               train-split scores of both models, switch probabilities, labels per mode
     distill/<mode>/       orbax checkpoints, metrics.jsonl + TensorBoard events, PEFT adapter
-    results.md, results.json, *.png   the report
+    results.json          this seed's tables (the run's report pools the seeds one level up)
+    timings.json          seconds of each stage's latest run
 """
 from __future__ import annotations
 

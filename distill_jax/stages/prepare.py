@@ -28,7 +28,7 @@ def run(study) -> None:
     if not os.path.exists(study.manifest_path()):
         print("prepare: generating the toy world", flush=True)
         world = config.data.world
-        toy_world.main(["--out", study.path("data"), "--seed", str(world.seed), "--scale", str(world.scale),
+        toy_world.main(["--out", study.path("data"), "--seed", str(config.seed), "--scale", str(world.scale),
                         "--fps", str(world.fps), "--workers", str(world.workers or os.cpu_count())])
     tokenizer_dir = study.path("tokenizer")
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):

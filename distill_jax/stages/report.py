@@ -1,11 +1,18 @@
 """Report: results.md, results.json and PNG plots in the workdir, from the other stages' records.
 
-Accuracy of the student before and after distillation (per switch mode that was run) and of
-the teacher, overall, per class and per class group, on every evaluated split; the switch's
-accuracy; the modality gap per class. Class groups: "teacher-strong" / "student-strong"
-classes are those where one model beats the other by at least `GAP` on the switch's split
-(measured, as the paper does on its analysis set); the toy world also has its designed groups.
-The checks the study is about are printed as measured statements, never asserted.
+One report covers every seed of the run (`config.seeds`; each seed's outputs live in
+`seed_<s>/`). It gives:
+- **findings**: the study's claims (FINDINGS), each a paired comparison of two models on the
+  same clips, pooled over the seeds: accuracy difference, paired bootstrap 95 % CI (stratified
+  by seed), exact McNemar p-value, the per-seed differences, and whether it holds;
+- accuracy of the student before and after distillation (per switch mode) and of the teacher,
+  overall and per class group, mean +- sd over seeds, on every evaluated split;
+- the switch's accuracy, balanced accuracy and always-majority baseline per seed;
+- per class: (toy world) the world's design beside what each model measured; the modality gap.
+Class groups: "teacher-strong" / "student-strong" classes are those where one model beats the
+other by at least GAP on the switch's split (measured per seed, as the paper does on its
+analysis set); the toy world also has its designed groups (`data_pipelines/toy_world.py`).
+Each seed's own tables are in `seed_<s>/results.json`.
 """
 from __future__ import annotations
 
@@ -14,10 +21,73 @@ import os
 
 import numpy as np
 
+from distill_jax import stats
 from distill_jax.stages.common import MODALITIES
-from distill_jax.stages.evaluate import accuracy, markdown_table, modality_gap, read_records, summary
+from distill_jax.stages.evaluate import accuracy, markdown_table, modality_gap, read_records
 
 GAP = 0.10  # accuracy difference that makes a class teacher- or student-strong
+NON_INFERIORITY = 0.02  # "keeps" a group: the CI's lower bound of the difference is above -2 points
+ORIGINAL, TEACHER = "student (original)", "teacher"
+
+
+def distilled(mode: str) -> str:
+    return f"student distilled ({mode})"
+
+
+# name -> (split, class group or None for all classes, model a, model b, rule). rule "better":
+# a - b > 0 with McNemar p < 0.05; "keeps": a - b >= -NON_INFERIORITY at the CI's lower bound.
+# "visual"/"audio" name the modality's original model, whichever the direction.
+FINDINGS = {
+    "visual_beats_audio": ("test", None, "visual", "audio", "better"),
+    "distilled_beats_original": ("test", None, distilled("learned"), ORIGINAL, "better"),
+    "distilled_beats_original_teacher_strong": ("test", "teacher-strong", distilled("learned"), ORIGINAL, "better"),
+    "distilled_beats_teacher": ("test", None, distilled("learned"), TEACHER, "better"),
+    "distilled_keeps_student_strong": ("test", "student-strong", distilled("learned"), ORIGINAL, "keeps"),
+    "learned_beats_always_student_strong": ("test", "student-strong", distilled("learned"), distilled("always"),
+                                            "better"),
+    "learned_beats_never": ("test", None, distilled("learned"), distilled("never"), "better"),
+    "distilled_beats_original_unseen": ("unseen", None, distilled("learned"), ORIGINAL, "better"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# One seed
+# ---------------------------------------------------------------------------------------------
+
+def model_names(study) -> dict[str, str]:
+    """Report label -> records name (eval/<name>/<split>.jsonl) of every model of the study."""
+    return {ORIGINAL: study.student, TEACHER: study.teacher,
+            **{distilled(m): f"student_{m}" for m in study.config.distill.modes}}
+
+
+def load_records(study, name: str, split: str) -> dict[str, dict] | None:
+    """clip id -> record of model `name` on `split`, or None where it was not scored."""
+    path = study.records_path(name, split)
+    return {r["clip_id"]: r for r in read_records(path)} if os.path.exists(path) else None
+
+
+def strong_classes(study, records: dict) -> dict[str, set[str]]:
+    """Teacher-/student-strong classes from both models' records on the switch's split."""
+    split = study.config.switch.split
+    groups = {"teacher-strong": set(), "student-strong": set(), "similar": set()}
+    teacher, student = records.get((study.teacher, split)), records.get((study.student, split))
+    if teacher is None or student is None:
+        return groups  # the evaluate stage has not scored both models there yet
+    teacher = accuracy(list(teacher.values()), study.classes)["per_class"]
+    student = accuracy(list(student.values()), study.classes)["per_class"]
+    for name in teacher:
+        diff = teacher[name]["accuracy"] - student.get(name, {"accuracy": 0.0})["accuracy"]
+        groups["teacher-strong" if diff >= GAP else "student-strong" if diff <= -GAP else "similar"].add(name)
+    return groups
+
+
+def design(study) -> list[dict] | None:
+    """The toy world's design table (design.json's rows), or None for real data."""
+    path = study.path("data", "design.json")
+    if not study.config.toy or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["classes"]
 
 
 def group_accuracy(records: list[dict], classes: list[str], members: set[str]) -> float | None:
@@ -26,141 +96,278 @@ def group_accuracy(records: list[dict], classes: list[str], members: set[str]) -
     return float(np.mean([r["predicted"] == r["answer"] for r in records])) if records else None
 
 
-def strong_classes(study, tables: dict) -> dict[str, set[str]]:
-    """Teacher-/student-strong classes from both models' `summary` tables on the switch's split."""
-    split = study.config.switch.split
-    groups = {"teacher-strong": set(), "student-strong": set(), "similar": set()}
-    if split not in tables.get(study.teacher, {}) or split not in tables.get(study.student, {}):
-        return groups  # the evaluate stage has not scored both models there yet
-    teacher, student = tables[study.teacher][split]["per_class"], tables[study.student][split]["per_class"]
-    for name in teacher:
-        diff = teacher[name]["accuracy"] - student.get(name, {"accuracy": 0.0})["accuracy"]
-        groups["teacher-strong" if diff >= GAP else "student-strong" if diff <= -GAP else "similar"].add(name)
-    return groups
-
-
-def designed_groups(study) -> dict[str, set[str]]:
-    path = study.path("data", "design.json")
-    if not study.config.toy or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        design = json.load(f)
-    groups: dict[str, set[str]] = {}
-    for row in design["classes"]:
-        groups.setdefault(f"designed: {row['group']}", set()).add(row["class"])
-    return groups
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def build(study) -> dict:
-    modes = list(study.config.distill.modes)
-    splits = list(study.config.distill.eval_splits)
-    names = {"student (original)": study.student, "teacher": study.teacher,
-             **{f"student distilled ({m})": f"student_{m}" for m in modes}}
-    gap_split = study.config.switch.split
-    gap_tables = summary(study, MODALITIES, [gap_split])
-    groups = {**strong_classes(study, gap_tables), **designed_groups(study)}
-    results = {"direction": study.config.direction, "teacher": study.teacher, "student": study.student,
-               "modes": modes, "splits": splits, "gap_threshold": GAP,
-               "groups": {g: sorted(c) for g, c in groups.items()}, "accuracy": {}, "by_group": {}}
+def build_seed(study) -> dict:
+    """One seed's tables: accuracy per model and split (overall, per class, per group), groups, switch."""
+    names = model_names(study)
+    splits = list(dict.fromkeys([study.config.switch.split, *study.config.evaluate.splits,
+                                 *study.config.distill.eval_splits]))
+    records = {}
+    for name in set(names.values()):
+        for split in splits:
+            table = load_records(study, name, split)
+            if table is not None:
+                records[(name, split)] = table
+    groups = strong_classes(study, records)
+    rows = design(study)
+    if rows is not None:
+        for row in rows:
+            groups.setdefault(f"designed: {row['designed_group']}", set()).add(row["class"])
+    result = {"seed": int(study.config.seed), "groups": {g: sorted(c) for g, c in groups.items()},
+              "accuracy": {}, "by_group": {}}
     for label, name in names.items():
         for split in splits:
-            path = study.records_path(name, split)
-            if not os.path.exists(path):
+            if (name, split) not in records:
                 continue
-            records = read_records(path)
-            results["accuracy"].setdefault(label, {})[split] = accuracy(records, study.classes)
-            results["by_group"].setdefault(label, {})[split] = {
-                g: group_accuracy(records, study.classes, members) for g, members in groups.items()}
+            clips = list(records[(name, split)].values())
+            result["accuracy"].setdefault(label, {})[split] = accuracy(clips, study.classes)
+            result["by_group"].setdefault(label, {})[split] = {
+                g: group_accuracy(clips, study.classes, members) for g, members in groups.items()}
     switch_metrics = study.path("switch", "metrics.json")
     if os.path.exists(switch_metrics):
         with open(switch_metrics) as f:
-            results["switch"] = json.load(f)
-    if all(gap_split in gap_tables.get(m, {}) for m in MODALITIES):
-        results["modality_gap"] = {"split": gap_split, "rows": modality_gap(gap_tables["audio"][gap_split],
-                                                                           gap_tables["visual"][gap_split])}
-    results["checks"] = checks(results)
-    timings = study.path("timings.json")
-    if os.path.exists(timings):
-        with open(timings) as f:
-            results["timings_s"] = json.load(f)
+            result["switch"] = json.load(f)
+    gap_split = study.config.switch.split
+    if all((m, gap_split) in records for m in MODALITIES):
+        result["modality_gap"] = {"split": gap_split, "rows": modality_gap(
+            *(accuracy(list(records[(m, gap_split)].values()), study.classes) for m in MODALITIES))}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings, pooled over seeds
+# ---------------------------------------------------------------------------------------------
+
+def _correct(records: dict[str, dict], clip_ids: list[str]) -> np.ndarray:
+    return np.asarray([records[c]["predicted"] == records[c]["answer"] for c in clip_ids])
+
+
+def finding(name: str, studies: list, seed_results: list[dict]) -> dict:
+    """One finding over every seed (pooled clips), with its per-seed differences."""
+    split, group, a_label, b_label, rule = FINDINGS[name]
+    out = {"name": name, "split": split, "classes": group or "all", "a_model": a_label, "b_model": b_label,
+           "rule": rule, "a": None, "b": None, "diff": None, "ci95": None, "p_value": None, "holds": None,
+           "seeds": []}
+    pooled_a, pooled_b, strata = [], [], []
+    for study, result in zip(studies, seed_results):
+        names = {**model_names(study), "visual": "visual", "audio": "audio"}
+        if a_label not in names or b_label not in names:
+            return {**out, "note": "not run"}
+        a, b = load_records(study, names[a_label], split), load_records(study, names[b_label], split)
+        if a is None or b is None:
+            return {**out, "note": "not run"}
+        clip_ids = sorted(set(a) & set(b))
+        if group is not None:
+            members = set(result["groups"].get(group, ()))
+            clip_ids = [c for c in clip_ids if study.classes[a[c]["label"]] in members]
+        if not clip_ids:
+            out["seeds"].append({"seed": result["seed"], "diff": None, "clips": 0})
+            continue
+        ca, cb = _correct(a, clip_ids), _correct(b, clip_ids)
+        out["seeds"].append({"seed": result["seed"], "diff": float(ca.mean() - cb.mean()), "clips": len(clip_ids),
+                             "p_value": stats.mcnemar_p(ca, cb)})
+        pooled_a.append(ca), pooled_b.append(cb), strata.append(np.full(len(ca), result["seed"]))
+    if not pooled_a:
+        return {**out, "note": f"no clips of {group} classes"}
+    comparison = stats.compare(np.concatenate(pooled_a), np.concatenate(pooled_b), strata=np.concatenate(strata))
+    out.update(comparison)
+    if rule == "better":
+        out["holds"] = bool(comparison["diff"] > 0 and comparison["p_value"] < 0.05)
+    else:
+        out["holds"] = bool(comparison["ci95"][0] >= -NON_INFERIORITY)
+    return out
+
+
+def findings(studies: list, seed_results: list[dict]) -> list[dict]:
+    return [finding(name, studies, seed_results) for name in FINDINGS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Over seeds
+# ---------------------------------------------------------------------------------------------
+
+def _spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mean, sd = stats.mean_sd(values)
+    return {"mean": mean, "sd": sd, "per_seed": values}
+
+
+def aggregate(studies: list, seed_results: list[dict]) -> dict:
+    """Mean +- sd over seeds of every accuracy, group accuracy, per-class accuracy and switch figure."""
+    first = studies[0]
+    labels = list(model_names(first))
+    splits = list(dict.fromkeys(s for r in seed_results for per in r["accuracy"].values() for s in per))
+    groups = list(dict.fromkeys(g for r in seed_results for g in r["groups"]))
+    acc, by_group, per_class = {}, {}, {}
+    for label in labels:
+        for split in splits:
+            cells = [r["accuracy"].get(label, {}).get(split) for r in seed_results]
+            if all(c is None for c in cells):
+                continue
+            acc.setdefault(label, {})[split] = _spread([c and c["overall"] for c in cells])
+            by_group.setdefault(label, {})[split] = {
+                g: _spread([r["by_group"].get(label, {}).get(split, {}).get(g) for r in seed_results]) for g in groups}
+            per_class.setdefault(label, {})[split] = {
+                name: _spread([c and c["per_class"].get(name, {}).get("accuracy") for c in cells])
+                for name in first.classes}
+    switch = None
+    if any("switch" in r for r in seed_results):
+        switch = {key: _spread([r.get("switch", {}).get("eval", {}).get(key) for r in seed_results])
+                  for key in ("accuracy", "balanced_accuracy", "majority_baseline")}
+    gap = None
+    if all("modality_gap" in r for r in seed_results):
+        rows = {}
+        for r in seed_results:
+            for row in r["modality_gap"]["rows"]:
+                rows.setdefault(row["class"], []).append(row)
+        gap = {"split": seed_results[0]["modality_gap"]["split"], "rows": sorted(
+            ({"class": name, **{k: float(np.mean([x[k] for x in xs])) for k in ("audio", "visual", "difference")}}
+             for name, xs in rows.items()), key=lambda row: (-row["difference"], row["class"]))}
+    return {"accuracy": acc, "by_group": by_group, "per_class": per_class, "switch": switch, "modality_gap": gap,
+            "groups": groups}
+
+
+def build(studies: list) -> dict:
+    seed_results = [build_seed(study) for study in studies]
+    first = studies[0]
+    results = {"direction": first.config.direction, "teacher": first.teacher, "student": first.student,
+               "seeds": [r["seed"] for r in seed_results], "modes": list(first.config.distill.modes),
+               "splits": list(dict.fromkeys([*first.config.distill.eval_splits, *first.config.evaluate.splits])),
+               "gap_threshold": GAP, "non_inferiority_margin": NON_INFERIORITY,
+               "clips": {split: first.num_examples(split) for split in
+                         dict.fromkeys([*first.config.distill.eval_splits, *first.config.evaluate.splits])},
+               "findings": findings(studies, seed_results), **aggregate(studies, seed_results),
+               "design": design(first), "per_seed": seed_results}
+    timings = [study.path("timings.json") for study in studies]
+    results["timings_s"] = {}
+    for path, result in zip(timings, seed_results):
+        if os.path.exists(path):
+            with open(path) as f:
+                results["timings_s"][str(result["seed"])] = json.load(f)
     return results
 
 
-def checks(results: dict) -> list[dict]:
-    """The study's claims, each as measured on the first evaluated split (None: not run)."""
-    if not results["splits"]:
-        return []
-    split = results["splits"][0]
-    acc = lambda label: results["accuracy"].get(label, {}).get(split, {}).get("overall")
-    grp = lambda label, g: results["by_group"].get(label, {}).get(split, {}).get(g)
-    before, learned, always = "student (original)", "student distilled (learned)", "student distilled (always)"
-    rows = []
+# ---------------------------------------------------------------------------------------------
+# Markdown and plots
+# ---------------------------------------------------------------------------------------------
 
-    def add(claim, left, right, holds):
-        rows.append({"claim": claim, "split": split, "measured": f"{_fmt(left)} vs {_fmt(right)}",
-                     "holds": None if left is None or right is None else bool(holds(left, right))})
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
-    add("distilled (learned) beats the original student overall", acc(learned), acc(before), lambda a, b: a > b)
-    add("... on teacher-strong classes", grp(learned, "teacher-strong"), grp(before, "teacher-strong"),
-        lambda a, b: a > b)
-    add("... loses at most 2 points on student-strong classes", grp(learned, "student-strong"),
-        grp(before, "student-strong"), lambda a, b: a >= b - 0.02)
-    add("'always' does worse than 'learned' on student-strong classes", grp(always, "student-strong"),
-        grp(learned, "student-strong"), lambda a, b: a < b)
-    return rows
+
+def _mean_sd(cell) -> str:
+    if cell is None:
+        return "-"
+    return f"{100 * cell['mean']:.1f}" + (f" ± {100 * cell['sd']:.1f}" if len(cell["per_seed"]) > 1 else "")
+
+
+def _signed(value) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def findings_table(results: dict) -> str:
+    lines = ["| finding | split (classes) | a vs b | a | b | a − b [95% CI] | McNemar p | holds | per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in results["findings"]:
+        where = f"{f['split']} ({f['classes']})"
+        if f["diff"] is None:
+            lines.append(f"| {f['name']} | {where} | {f['a_model']} vs {f['b_model']} | - | - | - | - | "
+                         f"{f.get('note', 'not run')} | - |")
+            continue
+        holds = "yes" if f["holds"] else "NO"
+        per_seed = ", ".join("-" if s["diff"] is None else _signed(s["diff"]) for s in f["seeds"])
+        lines.append(f"| {f['name']} | {where} | {f['a_model']} vs {f['b_model']} | {_pct(f['a'])} | {_pct(f['b'])} | "
+                     f"{_signed(f['diff'])} [{_signed(f['ci95'][0])}, {_signed(f['ci95'][1])}] | "
+                     f"{f['p_value']:.2g} | {holds} | {per_seed} |")
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
-    splits, lines = results["splits"], []
-    lines += [f"# Results: {results['teacher']} teacher -> {results['student']} student "
-              f"({results['direction']})", ""]
-    lines += ["## Accuracy (%)", "", "| model | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    seeds, splits = results["seeds"], results["splits"]
+    clips = ", ".join(f"{s} {n}" for s, n in results["clips"].items())
+    lines = [f"# Results: {results['teacher']} teacher -> {results['student']} student ({results['direction']})", "",
+             f"Seeds {', '.join(map(str, seeds))} ({len(seeds)} run{'s' if len(seeds) > 1 else ''} of the whole study: "
+             f"world, warm start, switch, distillation); clips per seed: {clips}.", "",
+             f"## Findings (pooled over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})", "",
+             findings_table(results), "",
+             "a, b: accuracy (%) of the two models on the same clips; a − b with its paired bootstrap 95 % CI "
+             "(clips resampled within each seed) and the exact McNemar p-value. A \"better\" finding holds when "
+             f"a − b > 0 with p < 0.05; distilled_keeps_student_strong holds when the CI's lower bound is above "
+             f"−{100 * results['non_inferiority_margin']:.0f} points. Per seed: a − b of each seed.", ""]
+    lines += ["## Accuracy (%)" + (", mean ± sd over seeds" if len(seeds) > 1 else ""), "",
+              "| model | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for label, per_split in results["accuracy"].items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(per_split.get(s, {}).get("overall")) for s in splits) + " |")
-    groups = list(results["groups"])
+        lines.append(f"| {label} | " + " | ".join(_mean_sd(per_split.get(s)) for s in splits) + " |")
+    groups = results["groups"]
+    sizes = {g: sorted({len(r["groups"].get(g, ())) for r in results["per_seed"]}) for g in groups}
     for split in splits:
         lines += ["", f"## By class group, {split} (%)", "",
-                  "| model | " + " | ".join(f"{g} ({len(results['groups'][g])})" for g in groups) + " |",
+                  "| model | " + " | ".join(f"{g} ({'/'.join(map(str, sizes[g]))})" for g in groups) + " |",
                   "|---|" + "---|" * len(groups)]
         for label, per_split in results["by_group"].items():
             if split in per_split:
-                lines.append(f"| {label} | " + " | ".join(_fmt(per_split[split][g]) for g in groups) + " |")
-    lines += ["", f"Teacher-/student-strong: the teacher's accuracy minus the student's on the "
-              f"{results.get('modality_gap', {}).get('split', 'switch')} split is >= {100 * results['gap_threshold']:.0f} "
-              "points / <= -that."]
-    first = splits[0]
-    labels = [label for label in results["accuracy"] if first in results["accuracy"][label]]
-    if labels:
-        names = sorted(results["accuracy"][labels[0]][first]["per_class"])
-        lines += ["", f"## Per class, {first} (%)", "", "| class | " + " | ".join(labels) + " |",
-                  "|---|" + "---|" * len(labels)]
-        for name in names:
-            cells = [results["accuracy"][label][first]["per_class"].get(name, {}).get("accuracy") for label in labels]
-            lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
-    if "switch" in results:
-        sw = results["switch"]
-        lines += ["", "## Switch", ""]
-        if "constant" in sw:
-            lines.append(f"Not trained: every {sw['train_split']} label was {sw['constant']}; constant answer.")
-        lines.append(f"On {sw['eval_split']}: accuracy {_fmt(sw['eval']['accuracy'])}, balanced accuracy "
-                     f"{_fmt(sw['eval'].get('balanced_accuracy'))}" +
-                     (f", always-majority baseline {_fmt(sw['majority_eval_accuracy'])}"
-                      if "majority_eval_accuracy" in sw else ""))
-    if "modality_gap" in results:
-        lines += ["", f"## Modality gap, {results['modality_gap']['split']} (%)", "",
+                lines.append(f"| {label} | " + " | ".join(_mean_sd(per_split[split][g]) for g in groups) + " |")
+    lines += ["", f"Teacher-/student-strong (per seed, class counts in brackets): the teacher's accuracy minus the "
+              f"student's on the switch's split is >= {100 * results['gap_threshold']:.0f} points / <= -that."]
+    lines += per_class_section(results)
+    sw = results.get("switch")
+    if sw:
+        lines += ["", "## Switch", "", "| seed | labels | train clips (teacher better) | eval split | accuracy | "
+                  "balanced accuracy | always-majority | beats majority |", "|---|---|---|---|---|---|---|---|"]
+        for r in results["per_seed"]:
+            s = r.get("switch")
+            if not s:
+                continue
+            ev = s["eval"]
+            train = s.get("train", {})
+            lines.append(f"| {r['seed']} | {s.get('label_mode', '-')} | {train.get('clips', '-')} "
+                         f"({train.get('positives', '-')}) | {s['eval_split']} | {_pct(ev['accuracy'])} | "
+                         f"{_pct(ev['balanced_accuracy'])} | {_pct(ev['majority_baseline'])} | "
+                         f"{'yes' if ev['accuracy'] > ev['majority_baseline'] else 'NO'} |"
+                         + (" constant: every label the same |" if "constant" in s else ""))
+        if len(seeds) > 1:
+            lines.append(f"| mean ± sd | | | | {_mean_sd(sw['accuracy'])} | {_mean_sd(sw['balanced_accuracy'])} | "
+                         f"{_mean_sd(sw['majority_baseline'])} | |")
+    if results.get("modality_gap"):
+        lines += ["", f"## Modality gap, {results['modality_gap']['split']} (%)" +
+                  (", mean over seeds" if len(seeds) > 1 else ""), "",
                   markdown_table(results["modality_gap"]["rows"], ["class", "audio", "visual", "difference"])]
     if results.get("timings_s"):
-        lines += ["", "Stage wall times of the latest runs (s): " +
-                  ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items())]
-    lines += ["", "## The study's checks (measured)", "", "| claim | split | measured | holds |", "|---|---|---|---|"]
-    for row in results["checks"]:
-        holds = {True: "yes", False: "NO", None: "not run"}[row["holds"]]
-        lines.append(f"| {row['claim']} | {row['split']} | {row['measured']} | {holds} |")
+        lines += ["", "Stage wall times (s): " + "; ".join(
+            f"seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for seed, t in results["timings_s"].items())]
     return "\n".join(lines) + "\n"
+
+
+def per_class_section(results: dict) -> list[str]:
+    """Per class on the first split: (toy) the designed group and bounds, then every model's accuracy."""
+    split = results["splits"][0] if results["splits"] else None
+    labels = [label for label in results["per_class"] if split in results["per_class"][label]]
+    if not labels:
+        return []
+    rows = {r["class"]: r for r in results["design"] or []}
+    names = list(rows) if rows else sorted(results["per_class"][labels[0]][split])
+    names = [n for n in names if any(results["per_class"][label][split].get(n) for label in labels)]
+    design_cols = ["designed group", "audio Bayes bound", "visual Bayes bound"] if rows else []
+    lines = ["", f"## Per class, {split} (%)" + (", mean over seeds" if len(results["seeds"]) > 1 else ""), ""]
+    if rows:
+        lines += ["The toy world's design (`data_pipelines/toy_world.py`, `design.json`) beside what was measured. "
+                  "Bayes bound: the best accuracy a classifier of that modality can reach on the class's hard pair "
+                  "(100 where the class has none); \"unlearned\": the audio model's pretraining labels were "
+                  "scrambled within a group of clearly different sounds, so its own input holds what it lacks.", ""]
+    lines += ["| class | " + " | ".join(design_cols + labels) + " |", "|---|" + "---|" * (len(design_cols) + len(labels))]
+    for name in names:
+        cells = []
+        if rows:
+            row = rows[name]
+            scrambled = row.get("audio_pretrain_scrambled_with") or []
+            group = row["designed_group"] + (f" (with {', '.join(scrambled)})" if scrambled else "")
+            cells += [group, _pct(row["audio_pair_bayes_accuracy"]), _pct(row["visual_pair_bayes_accuracy"])]
+        for label in labels:
+            cell = results["per_class"][label][split].get(name)
+            cells.append(_pct(cell and cell["mean"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(results: dict, out_dir: str) -> list[str]:
@@ -170,15 +377,16 @@ def plots(results: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    split = results["splits"][0]
-    labels = [label for label in results["accuracy"] if split in results["accuracy"][label]]
+    split = results["splits"][0] if results["splits"] else None
+    labels = [label for label in results["per_class"] if split in results["per_class"][label]]
     if labels:
-        names = sorted(results["accuracy"][labels[0]][split]["per_class"])
+        names = sorted(n for n, c in results["per_class"][labels[0]][split].items() if c)
         x, width = np.arange(len(names)), 0.8 / len(labels)
         fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(names)), 4.5))
         for i, label in enumerate(labels):
-            per_class = results["accuracy"][label][split]["per_class"]
-            ax.bar(x + i * width, [100 * per_class.get(n, {}).get("accuracy", 0.0) for n in names], width, label=label)
+            cells = [results["per_class"][label][split].get(n) for n in names]
+            ax.bar(x + i * width, [100 * c["mean"] if c else 0.0 for c in cells], width, label=label,
+                   yerr=[100 * c["sd"] if c else 0.0 for c in cells] if len(results["seeds"]) > 1 else None)
         ax.set_xticks(x + 0.4 - width / 2, names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel(f"accuracy on {split} (%)")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -186,7 +394,7 @@ def plots(results: dict, out_dir: str) -> list[str]:
         written.append(os.path.join(out_dir, "per_class_accuracy.png"))
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
-    if "modality_gap" in results:
+    if results.get("modality_gap"):
         rows = results["modality_gap"]["rows"]
         fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows)), 4.5))
         ax.bar([r["class"] for r in rows], [100 * r["difference"] for r in rows],
@@ -200,17 +408,44 @@ def plots(results: dict, out_dir: str) -> list[str]:
         written.append(os.path.join(out_dir, "modality_gap.png"))
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
+    measured = [f for f in results["findings"] if f["diff"] is not None]
+    if measured:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(measured) + 1.2))
+        y = np.arange(len(measured))[::-1]
+        diffs = np.array([100 * f["diff"] for f in measured])
+        lo = diffs - np.array([100 * f["ci95"][0] for f in measured])
+        hi = np.array([100 * f["ci95"][1] for f in measured]) - diffs
+        for i, f in enumerate(measured):
+            ax.errorbar(diffs[i], y[i], xerr=[[lo[i]], [hi[i]]], fmt="o", capsize=3,
+                        color="tab:green" if f["holds"] else "tab:red")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(y, [f"{f['name']} ({f['split']})" for f in measured], fontsize=8)
+        ax.set_xlabel("a − b, accuracy points (95 % CI)")
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "findings.png"))
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     return written
 
 
-def run(study) -> None:
+def _write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def run(studies: list, workdir: str) -> dict:
     """Always rebuilt (cheap): the report reflects whatever the workdir holds now."""
-    results = build(study)
+    results = build(studies)
+    for seed_result, study in zip(results["per_seed"], studies):
+        _write_json(study.path("results.json"), seed_result)
     text = markdown(results)
-    with open(study.path("results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(study.path("results.md"), "w") as f:
+    _write_json(os.path.join(workdir, "results.json"), results)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
-    written = plots(results, study.workdir)
+    written = plots(results, workdir)
     print(text)
-    print("report: " + ", ".join([study.path("results.md"), study.path("results.json"), *written]))
+    print("report: " + ", ".join([os.path.join(workdir, "results.md"), os.path.join(workdir, "results.json"),
+                                  *written]))
+    return results

@@ -85,6 +85,7 @@ def run(study) -> None:
         # Nothing to learn: the switch is the constant answer (reported as such, not trained).
         constant = int(train_labels[0])
         report = {"constant": constant, "train_split": cfg.split, "eval_split": cfg.eval_split,
+                  "label_mode": cfg.label_mode, "train": {"clips": len(train_labels), "positives": int(np.sum(train_labels))},
                   "eval": switch_lib.binary_metrics(eval_labels, np.full(len(eval_labels), float(constant)),
                                                     config.threshold)}
         with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -96,7 +97,7 @@ def run(study) -> None:
                                              eval_waveforms=eval_waves, eval_labels=eval_labels, backbone=backbone,
                                              log=lambda line: print(line, flush=True))
     switch_lib.save_switch(switch, os.path.join(out, "model"))
-    report.update(train_split=cfg.split, eval_split=cfg.eval_split,
+    report.update(train_split=cfg.split, eval_split=cfg.eval_split, label_mode=cfg.label_mode,
                   majority_eval_accuracy=float(max(np.mean(eval_labels), 1 - np.mean(eval_labels))))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -2,13 +2,17 @@
 
 Each model (Qwen2-Audio architecture on the clips' audio, Qwen2-VL architecture on their
 frames) is trained, every parameter, on the `pretrain` split with the ground-truth letter as
-the target, so that each is competent in its own modality, as the real checkpoints are. The
+the target, so that each is competent in its own modality, as the real checkpoints are, except
+where the world's design scrambles a modality's pretraining labels within a group of classes
+(`toy_world.PRETRAIN_SCRAMBLED`, `pretrain_letters`): that model hears the classes apart but
+never learned their names, the learnable weakness distillation is meant to fix. The
 result is written as a Hugging Face checkpoint (`convert.save_hf`, tokenizer included), so
 every later stage loads it through `convert.load_hf`, as it loads Qwen2-Audio-7B / Qwen2-VL-7B
 at paper scale, where this stage does not run.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -16,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipelines.questions import clip_rng
 from distill_jax import prompts
 from distill_jax.convert import save_hf
 from distill_jax.models.qwen2 import Qwen2Config
@@ -57,9 +62,33 @@ def toy_model(modality: str, sizes, tokenizer, *, max_seconds: float, seed: int)
     return Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
 
 
-def ground_truth_targets(batch: dict, num_letters: int) -> dict:
-    """Train-step targets that make the loss plain cross-entropy to the true letter."""
-    answer = np.asarray(batch["answer"], np.int32)
+def scrambled_groups(study, modality: str) -> dict[int, tuple[int, ...]]:
+    """class index -> the class indices it is scrambled with in `modality`'s pretraining (itself
+    included), from the toy world's design.json ({} where none are)."""
+    with open(study.path("data", "design.json")) as f:
+        design = json.load(f)
+    groups = design.get("pretrain_scrambled", {}).get(modality, [])
+    if groups and study.config.data.question_strategy != "fixed":
+        raise ValueError("scrambled pretraining labels need question_strategy 'fixed' (the letter is the class)")
+    index = {name: i for i, name in enumerate(study.classes)}
+    return {index[name]: tuple(index[c] for c in group) for group in groups for name in group}
+
+
+def pretrain_letters(batch: dict, scrambled: dict[int, tuple[int, ...]], seed: int) -> np.ndarray:
+    """The warm start's target letter per clip: the true one, except for a class of a scrambled
+    group, whose clips each get a class of the group drawn at random once per clip (seeded by the
+    clip id): labels that never tell the group's classes apart ("fixed" questions: letter = class)."""
+    letters = np.asarray(batch["answer"], np.int32).copy()
+    for row, (clip_id, label) in enumerate(zip(batch["clip_id"], batch["label"])):
+        group = scrambled.get(int(label))
+        if group:
+            letters[row] = group[clip_rng(f"pretrain/{clip_id}", seed).integers(len(group))]
+    return letters
+
+
+def ground_truth_targets(batch: dict, num_letters: int, letters: np.ndarray | None = None) -> dict:
+    """Train-step targets that make the loss plain cross-entropy to `letters` (default: the true letter)."""
+    answer = np.asarray(batch["answer"] if letters is None else letters, np.int32)
     return {"switch_closed": np.ones(len(answer), bool), "teacher_letter": answer,
             "teacher_logits": np.zeros((len(answer), num_letters), np.float32), "student_letter": answer,
             "weight": np.asarray(batch["valid"], np.float32)}
@@ -73,27 +102,29 @@ def train_modality(study, modality: str) -> str:
                       seed=config.seed + MODALITIES.index(modality))
     # The transform reads the tokenizer from the model directory, which does not exist yet.
     study_tokenizer_dir = study.path("tokenizer")
+    run = cfg.models[modality]  # its sizes and its warm start: learning_rate, steps, batch_size, warmup_steps
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, cfg.models[modality].learning_rate, cfg.warmup_steps, cfg.steps),
+        optax.warmup_cosine_decay_schedule(0.0, run.learning_rate, run.warmup_steps, run.steps),
         weight_decay=cfg.weight_decay))
     graphdef, state = init_state(model, tx, trained=nnx.Param)
     letters = prompts.letter_token_ids(tokenizer, prompts.LETTERS[:study.num_options()])
     train_step = make_train_step(graphdef, tx, letters, mode="labels")
-    dataset = study.dataset(modality, cfg.split, batch_size=cfg.batch_size, train=True, num_epochs=None,
+    dataset = study.dataset(modality, cfg.split, batch_size=run.batch_size, train=True, num_epochs=None,
                             seed=config.seed, tokenizer_dir=study_tokenizer_dir)
     inputs_of = study.model_inputs(modality)
+    scrambled = scrambled_groups(study, modality)
     start, losses = time.perf_counter(), []
-    for step, batch in zip(range(1, cfg.steps + 1), dataset):
+    for step, batch in zip(range(1, run.steps + 1), dataset):
         arrays, static = split_inputs(model, inputs_of(batch))
-        state, metrics = train_step(state, place_batch({"inputs": arrays, "targets": ground_truth_targets(
-            batch, len(letters))}, study.mesh), static)
+        targets = ground_truth_targets(batch, len(letters), pretrain_letters(batch, scrambled, config.seed))
+        state, metrics = train_step(state, place_batch({"inputs": arrays, "targets": targets}, study.mesh), static)
         losses.append(float(metrics["loss"]))
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"warm start of the {modality} model: loss {losses[-1]} at step {step}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == run.steps:
             rate = step / (time.perf_counter() - start)
-            print(f"warm start {modality}: step {step}/{cfg.steps} loss {np.mean(losses[-cfg.log_every:]):.3f} "
-                  f"{rate:.2f} steps/s ETA {(cfg.steps - step) / rate:.0f} s", flush=True)
+            print(f"warm start {modality}: step {step}/{run.steps} loss {np.mean(losses[-cfg.log_every:]):.3f} "
+                  f"{rate:.2f} steps/s ETA {(run.steps - step) / rate:.0f} s", flush=True)
     save_hf(merge_model(graphdef, state), out, tokenizer_dir=study_tokenizer_dir)
     return out
 
