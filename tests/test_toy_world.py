@@ -169,7 +169,8 @@ def test_designed_reliability_shows_in_measured_accuracy():
         for (a, b), (accuracy, in_pair) in measured[modality]["pairs"].items():
             if table[names.index(a)][f"{modality}_partner"] == b:  # hard in this modality
                 hard.append(accuracy)
-                assert 0.52 < accuracy < 0.85, (modality, a, b, accuracy)
+                # 64 clips a pair: one pair's estimate may stray ~2.5 sd (0.13) from the bound; the mean below may not
+                assert 0.52 < accuracy < 0.92, (modality, a, b, accuracy)
                 assert in_pair >= 0.85, (modality, a, b, in_pair)  # the errors go to the partner
                 assert accuracy < measured[other]["pairs"][a, b][0] - 0.05, (modality, a, b)
             else:
