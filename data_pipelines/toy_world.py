@@ -55,9 +55,9 @@ wins" classes (the paper's audio wins are human and temporal sounds: coughing, w
 about 70 % vs 85 % overall, near the paper's 72 / 88 (measured in the report, never assumed).
 Ideal gated distillation of the audio student would reach about 90 %, above its teacher: near
 the teacher on the unlearned classes, no better on the sirens (the sensory limit: no switch can
-help there) and unchanged on its own strong classes. "Unseen" holds both kinds (a scrambled pair and a visual-limit pair). Per clip:
-the other parameters jitter by 5-15 % (rate, pitch of the unpaired sounds, size, position,
-colour, speed), noise is added to the sound (random SNR) and the picture, and with some
+help there) and unchanged on its own strong classes. "Unseen" holds both kinds (a scrambled
+pair and a visual-limit pair). Per clip: the other parameters jitter by 5-15 % (rate, pitch of
+the unpaired sounds, size, position, colour, speed), noise is added to the sound (random SNR) and the picture, and with some
 probability a faint sound or a small object of another class is mixed in, so small models
 learn the classes well but not perfectly. `design.json` records per class its signatures, its
 designed group, per modality its hard-pair partner with the parameter ratio, how they differ and

@@ -60,10 +60,22 @@ def model_names(study) -> dict[str, str]:
             **{distilled(m): f"student_{m}" for m in study.config.distill.modes}}
 
 
-def load_records(study, name: str, split: str) -> dict[str, dict] | None:
-    """clip id -> record of model `name` on `split`, or None where it was not scored."""
-    path = study.records_path(name, split)
-    return {r["clip_id"]: r for r in read_records(path)} if os.path.exists(path) else None
+def report_splits(study) -> list[str]:
+    """Every split the report reads: the distilled students' first, then the switch's and evaluate's."""
+    config = study.config
+    return list(dict.fromkeys([*config.distill.eval_splits, *config.evaluate.splits, config.switch.split]))
+
+
+def seed_records(study) -> dict[tuple[str, str], dict[str, dict]]:
+    """(records name, split) -> {clip id: record} of every model of the study on every report split
+    that was scored (read once; the tables and the findings share them)."""
+    records = {}
+    for name in set(model_names(study).values()):
+        for split in report_splits(study):
+            path = study.records_path(name, split)
+            if os.path.exists(path):
+                records[(name, split)] = {r["clip_id"]: r for r in read_records(path)}
+    return records
 
 
 def strong_classes(study, records: dict) -> dict[str, set[str]]:
@@ -96,17 +108,11 @@ def group_accuracy(records: list[dict], classes: list[str], members: set[str]) -
     return float(np.mean([r["predicted"] == r["answer"] for r in records])) if records else None
 
 
-def build_seed(study) -> dict:
-    """One seed's tables: accuracy per model and split (overall, per class, per group), groups, switch."""
+def build_seed(study, records: dict) -> dict:
+    """One seed's tables from its `seed_records`: accuracy per model and split (overall, per class,
+    per group), groups, switch."""
     names = model_names(study)
-    splits = list(dict.fromkeys([study.config.switch.split, *study.config.evaluate.splits,
-                                 *study.config.distill.eval_splits]))
-    records = {}
-    for name in set(names.values()):
-        for split in splits:
-            table = load_records(study, name, split)
-            if table is not None:
-                records[(name, split)] = table
+    splits = report_splits(study)
     groups = strong_classes(study, records)
     rows = design(study)
     if rows is not None:
@@ -141,18 +147,19 @@ def _correct(records: dict[str, dict], clip_ids: list[str]) -> np.ndarray:
     return np.asarray([records[c]["predicted"] == records[c]["answer"] for c in clip_ids])
 
 
-def finding(name: str, studies: list, seed_results: list[dict]) -> dict:
-    """One finding over every seed (pooled clips), with its per-seed differences."""
+def finding(name: str, studies: list, seed_results: list[dict], records: list[dict]) -> dict:
+    """One finding over every seed (pooled clips), with its per-seed differences; `records`: each
+    seed's `seed_records`."""
     split, group, a_label, b_label, rule = FINDINGS[name]
     out = {"name": name, "split": split, "classes": group or "all", "a_model": a_label, "b_model": b_label,
            "rule": rule, "a": None, "b": None, "diff": None, "ci95": None, "p_value": None, "holds": None,
            "seeds": []}
     pooled_a, pooled_b, strata = [], [], []
-    for study, result in zip(studies, seed_results):
+    for study, result, scored in zip(studies, seed_results, records):
         names = {**model_names(study), "visual": "visual", "audio": "audio"}
         if a_label not in names or b_label not in names:
             return {**out, "note": "not run"}
-        a, b = load_records(study, names[a_label], split), load_records(study, names[b_label], split)
+        a, b = scored.get((names[a_label], split)), scored.get((names[b_label], split))
         if a is None or b is None:
             return {**out, "note": "not run"}
         clip_ids = sorted(set(a) & set(b))
@@ -177,8 +184,8 @@ def finding(name: str, studies: list, seed_results: list[dict]) -> dict:
     return out
 
 
-def findings(studies: list, seed_results: list[dict]) -> list[dict]:
-    return [finding(name, studies, seed_results) for name in FINDINGS]
+def findings(studies: list, seed_results: list[dict], records: list[dict]) -> list[dict]:
+    return [finding(name, studies, seed_results, records) for name in FINDINGS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,15 +236,15 @@ def aggregate(studies: list, seed_results: list[dict]) -> dict:
 
 
 def build(studies: list) -> dict:
-    seed_results = [build_seed(study) for study in studies]
+    records = [seed_records(study) for study in studies]
+    seed_results = [build_seed(study, scored) for study, scored in zip(studies, records)]
     first = studies[0]
+    splits = list(dict.fromkeys([*first.config.distill.eval_splits, *first.config.evaluate.splits]))
     results = {"direction": first.config.direction, "teacher": first.teacher, "student": first.student,
                "seeds": [r["seed"] for r in seed_results], "modes": list(first.config.distill.modes),
-               "splits": list(dict.fromkeys([*first.config.distill.eval_splits, *first.config.evaluate.splits])),
-               "gap_threshold": GAP, "non_inferiority_margin": NON_INFERIORITY,
-               "clips": {split: first.num_examples(split) for split in
-                         dict.fromkeys([*first.config.distill.eval_splits, *first.config.evaluate.splits])},
-               "findings": findings(studies, seed_results), **aggregate(studies, seed_results),
+               "splits": splits, "gap_threshold": GAP, "non_inferiority_margin": NON_INFERIORITY,
+               "clips": {split: first.num_examples(split) for split in splits},
+               "findings": findings(studies, seed_results, records), **aggregate(studies, seed_results),
                "design": design(first), "per_seed": seed_results}
     timings = [study.path("timings.json") for study in studies]
     results["timings_s"] = {}

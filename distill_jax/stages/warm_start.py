@@ -86,9 +86,9 @@ def pretrain_letters(batch: dict, scrambled: dict[int, tuple[int, ...]], seed: i
     return letters
 
 
-def ground_truth_targets(batch: dict, num_letters: int, letters: np.ndarray | None = None) -> dict:
-    """Train-step targets that make the loss plain cross-entropy to `letters` (default: the true letter)."""
-    answer = np.asarray(batch["answer"] if letters is None else letters, np.int32)
+def pretrain_targets(batch: dict, num_letters: int, letters: np.ndarray) -> dict:
+    """Train-step targets that make the loss plain cross-entropy to `letters` (`pretrain_letters`)."""
+    answer = np.asarray(letters, np.int32)
     return {"switch_closed": np.ones(len(answer), bool), "teacher_letter": answer,
             "teacher_logits": np.zeros((len(answer), num_letters), np.float32), "student_letter": answer,
             "weight": np.asarray(batch["valid"], np.float32)}
@@ -98,11 +98,11 @@ def train_modality(study, modality: str) -> str:
     config, cfg = study.config, study.config.warm_start
     out = study.model_dir(modality)
     tokenizer = prompts.load_tokenizer(study.path("tokenizer"))
-    model = toy_model(modality, cfg.models[modality], tokenizer, max_seconds=config.data.max_seconds,
+    run = cfg.models[modality]  # its sizes and its warm start: learning_rate, steps, batch_size, warmup_steps
+    model = toy_model(modality, run, tokenizer, max_seconds=config.data.max_seconds,
                       seed=config.seed + MODALITIES.index(modality))
     # The transform reads the tokenizer from the model directory, which does not exist yet.
     study_tokenizer_dir = study.path("tokenizer")
-    run = cfg.models[modality]  # its sizes and its warm start: learning_rate, steps, batch_size, warmup_steps
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
         optax.warmup_cosine_decay_schedule(0.0, run.learning_rate, run.warmup_steps, run.steps),
         weight_decay=cfg.weight_decay))
@@ -116,7 +116,7 @@ def train_modality(study, modality: str) -> str:
     start, losses = time.perf_counter(), []
     for step, batch in zip(range(1, run.steps + 1), dataset):
         arrays, static = split_inputs(model, inputs_of(batch))
-        targets = ground_truth_targets(batch, len(letters), pretrain_letters(batch, scrambled, config.seed))
+        targets = pretrain_targets(batch, len(letters), pretrain_letters(batch, scrambled, config.seed))
         state, metrics = train_step(state, place_batch({"inputs": arrays, "targets": targets}, study.mesh), static)
         losses.append(float(metrics["loss"]))
         if not np.isfinite(losses[-1]):
