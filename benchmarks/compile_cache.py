@@ -8,7 +8,8 @@ writes only programs whose XLA compile took at least 1 s.
 Two programs the stages compile, on a random Qwen2-Audio loaded through `convert.load_hf` on
 the toy config's mesh, inside `jax.set_mesh` as `main.run` runs the stages:
 - score: `decoding.score_choices`, the evaluate / label step (the original model);
-- train step: `train.step.make_train_step` after `lora.apply_lora` + `init_state`, the distill step.
+- train step: the trainer's step (`train.loop.make_step` on `train.step.distill_objective`) after
+  `lora.apply_lora` + `init_state`, the distill step.
 Inputs have the pipeline's shapes: a batch of clips with the transform's window of
 `audio.window_frames(--seconds)` mel frames (1008 for 10 s) and prompts left-padded to a bucket
 (`--prompt-len`).
@@ -111,8 +112,8 @@ def child(args):
     from distill_jax.convert import load_hf
     from distill_jax.decoding import score_choices
     from distill_jax.models import lora
-    from distill_jax.stages.common import place_batch
-    from distill_jax.train.step import OptimizerConfig, init_state, make_optimizer, make_train_step, split_inputs
+    from distill_jax.train.loop import OptimizerConfig, init_state, make_optimizer, make_step, place
+    from distill_jax.train.step import distill_objective
 
     from distill_jax.main import enable_compilation_cache
 
@@ -160,14 +161,14 @@ def child(args):
         lora.apply_lora(model, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank), rngs=nnx.Rngs(100))
         sharding.shard_model(model, mesh)
         tx = make_optimizer(OptimizerConfig())
-        graphdef, state = init_state(model, tx)
-        train_step = make_train_step(graphdef, tx, letters, mode="labels")
-        arrays, static = split_inputs(model, inputs)
-        batch = place_batch({"inputs": arrays, "targets": targets}, mesh)
+        graphdef, state, frozen = init_state(model, tx, mesh)
+        train_step = make_step(graphdef, tx, distill_objective(letters, mode="labels"))
+        targets = {k: v for k, v in targets.items() if k != "weight"}
+        batch = place({**inputs, **targets, "valid": np.ones(args.batch, np.int32)}, mesh)
         holder = {"state": state}
 
         def step():
-            holder["state"], metrics = train_step(holder["state"], batch, static)
+            holder["state"], metrics = train_step(holder["state"], frozen, batch)
             float(metrics["loss"])
 
         results["train step"] = measure(step)

@@ -191,15 +191,17 @@ def convert(plan: Mapping[str, Sequence[ClipRow]], out_dir, *, name: str, classe
 
 
 def load_manifest(path) -> dict:
-    """A manifest written by `convert`, with its files as absolute paths."""
+    """A manifest written by `convert`, with its files as absolute paths (local or gs://, through
+    etils.epath)."""
+    from etils import epath
+
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
-    base = os.path.dirname(os.path.abspath(path))
+    base = epath.Path(path).parent if "://" in path else epath.Path(os.path.dirname(os.path.abspath(path)))
     for entry in manifest["splits"].values():
-        entry["paths"] = [os.path.join(base, f) for f in entry["files"]]
+        entry["paths"] = [str(base / f) for f in entry["files"]]
     return manifest
 
 

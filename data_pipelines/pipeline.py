@@ -3,7 +3,8 @@
     ds = make_dataset(manifest["splits"]["train"]["paths"], manifest["classes"], transform=t,
                       padding=t.padding(), config=PipelineConfig(batch_size=64, num_epochs=None))
     it = iter(ds)                      # a grain DatasetIterator: get_state() / set_state()
-    batch = to_global(next(it), mesh)  # numeric arrays -> global jax.Arrays over the batch axes
+    batch = next(it)                   # this host's part of the step's batch (the trainer places it:
+                                       # distill_jax.train.loop.place)
 
 Each step is a Grain `MapDataset` transformation (random access, so batch i is a pure function
 of i and the config, whatever the number of worker processes):
@@ -18,7 +19,8 @@ of i and the config, whatever the number of worker processes):
 2. **decode** (`ReadExample`): the record's CRC is checked, the `tf.train.Example` parsed, the
    PCM turned into float32 audio in [-1, 1) and the JPEGs into RGB frames; the clip's question
    (`data_pipelines.questions`) is attached. The example dict holds
-       clip_id (str), label (int), label_name (str), split (str), start_sec (float),
+       clip_id (str), index (int, the record's position in the split), label (int),
+       label_name (str), split (str), start_sec (float),
        valid (int), audio (float32 [samples]), sample_rate (int), frames (uint8 [T, H, W, 3]),
        fps (float), options (tuple of str), answer (int, index of the true class), question (str)
    (audio / frames only when `decode_audio` / `decode_frames`).
@@ -149,8 +151,8 @@ class ReadExample:
             raise ValueError(f"clip {clip.clip_id}: label {clip.label_name!r} (index {index}) does not match "
                              f"the class list ({len(self.class_names)} classes): wrong manifest for these files?")
         question = self.questions(clip.clip_id, clip.label_name)
-        example = {"clip_id": clip.clip_id, "label": index, "label_name": clip.label_name, "split": clip.split,
-                   "start_sec": clip.start_sec, "valid": valid, "options": question.options,
+        example = {"clip_id": clip.clip_id, "index": position, "label": index, "label_name": clip.label_name,
+                   "split": clip.split, "start_sec": clip.start_sec, "valid": valid, "options": question.options,
                    "answer": question.answer, "question": question.text()}
         if self.decode_audio:
             example["audio"] = clip.pcm16.astype(np.float32) / np.float32(32768.0)
@@ -171,10 +173,12 @@ class ReadExample:
 
 
 class ApplyTransform:
-    """Runs the model's transform and carries valid / label / answer into its output."""
+    """Runs the model's transform, carries clip_id / index / valid / label / answer into its
+    output, and adds the clip's training targets (`targets(example)`: a dict of arrays, e.g. the
+    teacher's letter joined by clip id) when given."""
 
-    def __init__(self, transform: Callable[[dict], dict] | None):
-        self.transform = transform
+    def __init__(self, transform: Callable[[dict], dict] | None, targets: Callable[[dict], dict] | None = None):
+        self.transform, self.targets = transform, targets
 
     def __call__(self, example: dict | None) -> dict | None:
         if example is None:
@@ -187,8 +191,14 @@ class ApplyTransform:
                 raise TypeError(f"clip {example['clip_id']}: the transform returned {type(out).__name__}, "
                                 "not a dict")
             out = dict(out)
-        for key in ("clip_id", "valid", "label", "answer"):
+        for key in ("clip_id", "index", "valid", "label", "answer"):
             out.setdefault(key, example[key])
+        if self.targets is not None:
+            targets = dict(self.targets(example))
+            clash = sorted(set(targets) & set(out))
+            if clash:
+                raise ValueError(f"clip {example['clip_id']}: targets {clash} clash with the model inputs")
+            out.update(targets)
         return out
 
 
@@ -262,12 +272,15 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
 
 def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: PipelineConfig,
                  transform: Callable[[dict], dict] | None = None, padding: Mapping[str, Pad] | None = None,
+                 targets: Callable[[dict], dict] | None = None,
                  question_maker: QuestionMaker | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
     """This host's Grain dataset of batches (dicts of NumPy arrays) of the clips in `paths`.
 
     `class_names` is the manifest's class list (label/index points into it; the questions draw
-    from it unless `question_maker` is given). process_index / process_count default to JAX's.
+    from it unless `question_maker` is given). `targets(example) -> dict` adds each clip's
+    training targets to its row (a complete batch: model inputs and targets). process_index /
+    process_count default to JAX's.
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if config.batch_size % process_count:
@@ -291,7 +304,7 @@ def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: Pi
                                          process_count=process_count, shuffle=config.shuffle, seed=config.seed))
     ds = ds.map(ReadExample(source, class_names, questions, decode_audio=config.decode_audio,
                             decode_frames=config.decode_frames))
-    ds = ds.map(ApplyTransform(transform))
+    ds = ds.map(ApplyTransform(transform, targets))
     # Batching random-access elements makes batch i the same whatever the number of workers.
     ds = ds.batch(local_batch, drop_remainder=config.drop_remainder, batch_fn=PadBatch(padding))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
@@ -300,30 +313,6 @@ def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: Pi
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
     return iter_ds
-
-
-def to_global(batch: Mapping[str, np.ndarray], mesh, *, batch_axes: Sequence[str] = ("data", "fsdp")) -> dict:
-    """This host's batch -> global jax.Arrays sharded over the mesh's `batch_axes` on axis 0.
-
-    Numeric arrays become global arrays of shape [global batch, ...]; strings stay host-local
-    NumPy arrays. Every host must call this with its own part of the same step's batch.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.dtype.kind in "biuf":
-            try:
-                out[key] = jax.make_array_from_process_local_data(sharding, value)
-            except ValueError as e:
-                raise ValueError(f"{key!r} (local shape {value.shape}) cannot be split over mesh axes "
-                                 f"{tuple(batch_axes)} of {dict(mesh.shape)}: {e}") from e
-        else:
-            out[key] = value
-    return out
 
 
 def save_iterator_state(directory, iterator) -> None:

@@ -131,9 +131,9 @@ def read_index(path, *, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray
     """
     _check_on_error(on_error)
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    size = _size(path)
     offsets, lengths, problems = [], [], []
-    with open(path, "rb") as f:
+    with _open(path) as f:
         offset = 0
         while offset < size:
             header = f.read(_HEADER.size)
@@ -159,11 +159,32 @@ def read_index(path, *, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray
     return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), problems
 
 
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _open(path: str):
+    """A binary reader of a local file, or of a remote one (gs://) through etils.epath."""
+    if _remote(path):
+        from etils import epath
+
+        return epath.Path(path).open("rb")
+    return open(path, "rb")
+
+
+def _size(path: str) -> int:
+    if _remote(path):
+        from etils import epath
+
+        return int(epath.Path(path).stat().length)
+    return os.path.getsize(path)
+
+
 def iter_records(path):
     """Every record's data of one TFRecord file, in order, each CRC checked (sequential reader)."""
     path = os.fspath(path)
     offsets, lengths, _ = read_index(path)
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for offset, length in zip(offsets.tolist(), lengths.tolist()):
             f.seek(offset)
             data = f.read(length + _FOOTER.size)
@@ -228,11 +249,16 @@ class TFRecordDataSource:
             raise IndexError(f"record index {index} out of range for {len(self)} records")
         file_id = int(self._file_ids[index])
         offset, length = int(self._offsets[index]), int(self._lengths[index])
-        fd = self._fds.get(file_id)
-        if fd is None:
-            fd = self._fds[file_id] = os.open(self.paths[file_id], os.O_RDONLY)
-        data = os.pread(fd, length + _FOOTER.size, offset)
         path = self.paths[file_id]
+        if _remote(path):  # remote files: one ranged read per record
+            with _open(path) as f:
+                f.seek(offset)
+                data = f.read(length + _FOOTER.size)
+        else:
+            fd = self._fds.get(file_id)
+            if fd is None:
+                fd = self._fds[file_id] = os.open(path, os.O_RDONLY)
+            data = os.pread(fd, length + _FOOTER.size, offset)
         try:
             if len(data) != length + _FOOTER.size:
                 raise TFRecordError(path, offset - _HEADER.size, "file changed since indexing (short read)")

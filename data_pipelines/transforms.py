@@ -14,6 +14,7 @@ import numpy as np
 from data_pipelines import audio, vision
 from data_pipelines.pipeline import Pad
 from distill_jax import prompts
+from distill_jax.models.qwen2_vl import rope_index
 
 # Grain decodes in several threads; the first loads of a tokenizer (and of transformers' lazy
 # modules) must not race.
@@ -46,6 +47,35 @@ class PromptTransform:
         return {"input_ids": Pad(tuple(buckets), value=self.tokenizer.pad_token_id, side="left",
                                  mask_key="attention_mask")}
 
+    def split_padding(self, example: dict, class_names: Sequence[str], num_options: int,
+                      buckets: Sequence[int]) -> dict[str, Pad]:
+        """`padding` with one length for every batch of a split: the smallest bucket that holds the
+        longest prompt the split can give (`longest_prompt`). Every host then pads every step's
+        batch alike, so a global batch has one shape whatever the hosts hold."""
+        longest = self.longest_prompt(example, class_names, num_options)
+        fits = [b for b in buckets if b >= longest]
+        if not fits:
+            raise ValueError(f"prompts of up to {longest} tokens do not fit the largest bucket {max(buckets)}: "
+                             "add a bucket (config.data.prompt_buckets)")
+        return self.padding((fits[0],))
+
+    def longest_prompt(self, example: dict, class_names: Sequence[str], num_options: int) -> int:
+        """Prompt tokens of `example` (a clip of the split: its frame size and length) asked with
+        the `num_options` longest class names and, for audio, the longest clip."""
+        by_length = sorted(class_names, key=lambda n: -len(self.tokenizer.encode(n, add_special_tokens=False)))
+        return len(self(self.worst_case({**example, "options": tuple(by_length[:num_options])}))["input_ids"])
+
+    def worst_case(self, example: dict) -> dict:
+        return example
+
+    def static_inputs(self, batch: dict) -> tuple:
+        """Hashable inputs of a (host) batch that the jitted model call takes as static."""
+        return ()
+
+    def model_inputs(self, arrays: dict, static: tuple) -> dict:
+        """A placed batch -> the model's call arguments (runs under jit)."""
+        raise NotImplementedError
+
 
 class Qwen2AudioTransform(PromptTransform):
     """Log-mel features + the Qwen2-Audio multiple-choice prompt of one clip.
@@ -77,14 +107,21 @@ class Qwen2AudioTransform(PromptTransform):
         return {"input_features": features, "feature_attention_mask": mask,
                 "input_ids": np.asarray(ids, np.int32)}
 
+    def worst_case(self, example: dict) -> dict:
+        return {**example, "audio": np.zeros(int(self.max_seconds * example["sample_rate"]), np.float32)}
+
+    def model_inputs(self, arrays: dict, static: tuple) -> dict:
+        return {k: arrays[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+
 
 class Qwen2VLTransform(PromptTransform):
     """Frames sampled at `config.fps`, Qwen2-VL preprocessing, and the multiple-choice video prompt.
 
-    Output: pixel_values_videos float32 [t*h*w, 1176], video_grid_thw int64 [3] and input_ids
-    int32 with t*h*w / 4 <|video_pad|> tokens. Clips of one split share frame size and length
-    (the converter makes them so), so a batch stacks them; `qwen2_vl_model_inputs` packs a
-    batch into the model's call. `padding()` left-pads input_ids as for audio.
+    Output: pixel_values_videos float32 [t*h*w, 1176], video_grid_thw int32 [3], input_ids
+    int32 with t*h*w / 4 <|video_pad|> tokens, and their M-RoPE positions (= HF get_rope_index)
+    int32 [T, 3]. Clips of one split share frame size and length (the converter makes them so),
+    so a batch stacks them; `model_inputs` packs a batch into the model's call under jit.
+    `padding()` left-pads input_ids and positions.
     """
 
     def __init__(self, tokenizer_dir: str, *, config: vision.VisionPreprocessConfig = vision.VisionPreprocessConfig(),
@@ -100,19 +137,45 @@ class Qwen2VLTransform(PromptTransform):
         question = prompts.format_question(example["options"], self.question_template)
         ids = prompts.encode_qwen2_vl(self.tokenizer, question, vision.num_vision_tokens(grid, self.config.merge_size),
                                       kind="video", system=self.system)
-        return {"pixel_values_videos": pixels, "video_grid_thw": np.asarray(grid, np.int64),
-                "input_ids": np.asarray(ids, np.int32)}
+        ids = np.asarray(ids, np.int32)
+        positions = rope_index(ids[None], None, (), (tuple(int(v) for v in grid),),
+                               image_token_id=self.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN),
+                               video_token_id=self.tokenizer.convert_tokens_to_ids(prompts.VIDEO_TOKEN),
+                               spatial_merge_size=self.config.merge_size)
+        return {"pixel_values_videos": pixels, "video_grid_thw": np.asarray(grid, np.int32), "input_ids": ids,
+                "position_ids": np.ascontiguousarray(positions[:, 0].T, np.int32)}
+
+    def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024)) -> dict[str, Pad]:
+        """input_ids as for audio; the M-RoPE positions [T, 3] left-padded alike, with 0 (= HF's)."""
+        return {**super().padding(buckets), "position_ids": Pad(tuple(buckets), value=0, side="left")}
+
+    def static_inputs(self, batch: dict) -> tuple:
+        return (("video_grid", batch_grid(batch)),)
+
+    def model_inputs(self, arrays: dict, static: tuple) -> dict:
+        return qwen2_vl_model_inputs(arrays, dict(static)["video_grid"])
 
 
-def qwen2_vl_model_inputs(batch: dict) -> dict:
-    """A batch of `Qwen2VLTransform` outputs -> the Qwen2-VL call's inputs (packed patches, one grid per clip)."""
+def batch_grid(batch: dict) -> tuple[int, int, int]:
+    """The one video grid of a host batch's clips (an error if they differ)."""
     grids = np.asarray(batch["video_grid_thw"])
     if (grids != grids[0]).any():
         raise ValueError(f"clips of one batch have different video grids {sorted({tuple(g) for g in grids})}: "
                          "convert the split with one frame size and clip length")
-    pixels = np.asarray(batch["pixel_values_videos"])
+    return tuple(int(v) for v in grids[0])
+
+
+def qwen2_vl_model_inputs(batch: dict, grid=None) -> dict:
+    """A batch of `Qwen2VLTransform` outputs -> the Qwen2-VL call's inputs: packed patches, one
+    grid per clip (`grid`, static under jit; default: the batch's, which must all be equal) and the
+    M-RoPE positions [3, B, T]. NumPy batches or placed arrays under jit alike."""
+    if grid is None:
+        grid = batch_grid(batch)
+    pixels = batch["pixel_values_videos"]
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "pixel_values_videos": pixels.reshape(-1, pixels.shape[-1]), "video_grid_thw": grids}
+            "pixel_values_videos": pixels.reshape(-1, pixels.shape[-1]),
+            "video_grid_thw": (tuple(grid),) * pixels.shape[0],
+            "position_ids": batch["position_ids"].transpose(2, 0, 1)}
 
 
 class WaveformTransform:

@@ -3,7 +3,7 @@
 libtpu (`pip install "jax[tpu]"`) compiles for a TPU slice described by
 `jax.experimental.topologies` on any machine; the compiled program reports XLA's per-chip
 memory (arguments, temporaries, outputs) and FLOPs. We compile the real programs: the
-Qwen2-Audio-7B LoRA distill step (`train.step.make_train_step`) and the Qwen2-VL-7B letter
+Qwen2-Audio-7B LoRA distill step (the trainer's `train.loop.make_step`) and the Qwen2-VL-7B letter
 scoring step (what `decoding.score_choices` runs), on abstract bf16 weights sharded by the
 rules table, to prove a mesh/batch/remat preset fits a slice before renting it.
 """
@@ -23,7 +23,8 @@ from distill_jax import sharding
 from distill_jax.models import lora
 from distill_jax.models.qwen2_audio import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-from distill_jax.train.step import OptimizerConfig, init_state, make_optimizer, make_train_step
+from distill_jax.train.loop import OptimizerConfig, make_optimizer, make_step
+from distill_jax.train.step import distill_objective
 
 GIB = 1024 ** 3
 
@@ -178,35 +179,34 @@ def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
         model = Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(0))
         lora.apply_lora(model, lora.LoraConfig(rank=workload.lora_rank, alpha=2.0 * workload.lora_rank),
                         rngs=nnx.Rngs(1))
-        graphdef, state = init_state(model, tx)
+        graphdef, params, changing, frozen = nnx.split(model, nnx.LoRAParam, nnx.Nothing, ...)
         graphdefs.append(graphdef)
-        return state
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params), "mutable": changing}, frozen
 
     start = time.perf_counter()
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-        abstract_state = jax.eval_shape(state)
+        abstract_state, abstract_frozen = jax.eval_shape(state)
     b, t, f = workload.batch_size, workload.prompt_length, workload.audio_frames
-    batch = {
-        "inputs": {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
-                   "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
-                   "input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
-                   "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32)},
-        "targets": {"switch_closed": jax.ShapeDtypeStruct((b,), jnp.bool_),
-                    "teacher_letter": jax.ShapeDtypeStruct((b,), jnp.int32),
-                    "teacher_logits": jax.ShapeDtypeStruct((b, workload.num_letters), jnp.float32),
-                    "student_letter": jax.ShapeDtypeStruct((b,), jnp.int32),
-                    "weight": jax.ShapeDtypeStruct((b,), jnp.float32)},
-    }
-    step = make_train_step(graphdefs[0], tx, list(range(32, 32 + workload.num_letters)))
+    batch = {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
+             "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32),
+             "switch_closed": jax.ShapeDtypeStruct((b,), jnp.bool_),
+             "teacher_letter": jax.ShapeDtypeStruct((b,), jnp.int32),
+             "teacher_logits": jax.ShapeDtypeStruct((b, workload.num_letters), jnp.float32),
+             "student_letter": jax.ShapeDtypeStruct((b,), jnp.int32),
+             "valid": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    step = make_step(graphdefs[0], tx, distill_objective(list(range(32, 32 + workload.num_letters))))
     with jax.set_mesh(mesh):
         lowered = step.lower(_abstract(abstract_state, variable_shardings(abstract_state, mesh)),
+                             _abstract(abstract_frozen, variable_shardings(abstract_frozen, mesh)),
                              _abstract(batch, _batch_shardings(batch, mesh)))
-    lm = _matmul_params(abstract_state["frozen"]["language_model"]) - _matmul_params(
-        abstract_state["frozen"]["language_model"]["lm_head"])  # only 10 letter columns are used
+    lm = _matmul_params(abstract_frozen["language_model"]) - _matmul_params(
+        abstract_frozen["language_model"]["lm_head"])  # only 10 letter columns are used
     text, audio = config.text, config.audio
     needed = (transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
                                 width=text.num_attention_heads * text.head_dim, train=True)
-              + transformer_flops(_matmul_params(abstract_state["frozen"]["audio_tower"]), b * f // 2,
+              + transformer_flops(_matmul_params(abstract_frozen["audio_tower"]), b * f // 2,
                                   layers=audio.encoder_layers, context=f // 2, width=audio.d_model, train=False))
     return _finish("Qwen2-Audio-7B LoRA distill step", topology, workload, lowered, start, needed)
 

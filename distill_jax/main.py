@@ -5,6 +5,11 @@ table. Stages run in the order prepare, warm_start, evaluate, switch, label, dis
 seed of `config.seeds` (each seed repeats the whole study in DIR/seed_<s>/), then report, over
 all seeds, into DIR (`--stages=evaluate,report` picks some); each skips what the workdir already
 holds, so a rerun resumes. Config values that cannot work are refused before any stage starts.
+
+Multi-host: every host runs the same command on the same workdir (a shared `gs://` bucket on a
+TPU slice, which `jax.distributed.initialize()` detects itself; on CPU/GPU machines give
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`). Every host computes, process 0
+alone writes shared files, and every stage ends at a barrier (distill_jax/multihost.py).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill_jax import sharding
+from distill_jax import multihost, sharding
 from distill_jax.stages import common
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -25,6 +30,10 @@ config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "toy.py"), "Run
                                 lock_config=True)
 flags.DEFINE_string("workdir", "workdir", "Where every stage reads and writes.")
 flags.DEFINE_list("stages", None, f"Stages to run (default: the config's), from {list(common.STAGES)}.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run on CPU/GPU "
+                    "machines (a multi-host TPU slice needs none of these three flags).")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --coordinator_address).")
 
 
 class ConfigError(ValueError):
@@ -59,12 +68,12 @@ def check_config(config, stages) -> None:
     if not config.toy:
         for modality in common.MODALITIES:
             path = config.models[modality].path
-            if not path or not os.path.exists(os.path.join(path, "config.json")):
+            if not path or not (multihost.path(path) / "config.json").exists():
                 raise ConfigError(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
                                   "(no config.json)")
-        if not config.data.manifest or not os.path.exists(config.data.manifest):
+        if not config.data.manifest or not multihost.path(config.data.manifest).exists():
             raise ConfigError(f"config.data.manifest={config.data.manifest!r} does not exist")
-        if not os.path.isfile(config.switch.backbone):
+        if not multihost.path(config.switch.backbone).is_file():
             raise ConfigError(f"config.switch.backbone={config.switch.backbone!r} is not a file: the switch starts "
                               "from a pretrained PANN Cnn14 checkpoint (configs/paper.py: pann=...)")
     from distill_jax.layers.attention import IMPLEMENTATIONS
@@ -83,22 +92,21 @@ def check_config(config, stages) -> None:
 _DIRECTED_OUTPUTS = ("switch", "labels", "distill")
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(config, workdir) -> None:
     """Refuse a workdir whose direction-dependent outputs were made with the other direction;
     print the config values that differ from the workdir's last run (outputs are reused by name)."""
-    previous_file = os.path.join(workdir, "config.json")
-    if not os.path.exists(previous_file):
+    previous_file = workdir / "config.json"
+    if not previous_file.exists():
         return
-    with open(previous_file) as f:
-        previous = json.load(f)
-    seeds = sorted(n for n in os.listdir(workdir) if n.startswith("seed_"))
-    directed = sorted({d for n in seeds for d in _DIRECTED_OUTPUTS if os.path.exists(os.path.join(workdir, n, d))})
+    previous = multihost.read_json(previous_file)
+    seeds = sorted(n.name for n in workdir.iterdir() if n.name.startswith("seed_"))
+    directed = sorted({d for n in seeds for d in _DIRECTED_OUTPUTS if (workdir / n / d).exists()})
     if previous.get("direction") != config.direction and directed:
         raise ConfigError(f"workdir {workdir} holds {directed} made with direction={previous.get('direction')!r}; "
                           f"config.direction={config.direction!r} needs another workdir (or delete those)")
     current = json.loads(config.to_json_best_effort())
     changed = sorted(k for k in set(current) | set(previous) if current.get(k) != previous.get(k) and k != "stages")
-    if changed:
+    if changed and multihost.is_main():
         print(f"note: config values under {changed} differ from this workdir's last run; finished outputs are "
               "reused as they are (delete a stage's outputs to redo it)", flush=True)
 
@@ -110,13 +118,13 @@ def make_mesh(config):
         raise ConfigError(f"config.mesh={dict(config.mesh)} does not fit the {jax.device_count()} devices: {e}") from e
 
 
-def enable_compilation_cache(workdir: str, min_compile_time_s: float = 0.0) -> None:
+def enable_compilation_cache(workdir, min_compile_time_s: float = 0.0) -> None:
     """Compiled programs are kept in <workdir>/jax_cache and reused by reruns and resumed runs.
 
     Every program is cached, not only those over JAX's default 1 s of compile time: the toy run's
     many small programs then compile once (benchmarks/compile_cache.py measures both).
     """
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(multihost.path(workdir) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
 
 
@@ -130,19 +138,14 @@ def seed_config(config, seed: int):
     return one
 
 
-def seed_dir(workdir: str, seed: int) -> str:
+def seed_dir(workdir, seed: int):
     """Where one seed's stage outputs live: every seed repeats the whole study."""
-    return os.path.join(workdir, f"seed_{int(seed)}")
+    return multihost.path(workdir) / f"seed_{int(seed)}"
 
 
-def _record_time(timings_file: str, stage: str, seconds: float) -> None:
-    timings = {}
-    if os.path.exists(timings_file):
-        with open(timings_file) as f:
-            timings = json.load(f)
-    with open(timings_file + ".tmp", "w") as f:
-        json.dump({**timings, stage: seconds}, f, indent=1)
-    os.replace(timings_file + ".tmp", timings_file)
+def _record_time(timings_file, stage: str, seconds: float) -> None:
+    timings = multihost.read_json(timings_file) if timings_file.exists() else {}
+    multihost.write_json(timings_file, {**timings, stage: seconds}, indent=1)
 
 
 def run(config, workdir: str, stages=None) -> list[common.Study]:
@@ -155,16 +158,15 @@ def run(config, workdir: str, stages=None) -> list[common.Study]:
     stages = list(stages or config.stages)
     check_config(config, stages)
     mesh = make_mesh(config)
-    workdir = os.path.abspath(workdir)
+    workdir = multihost.path(workdir)
     check_workdir(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
+    multihost.sync("workdir checked")  # before process 0 rewrites config.json
+    multihost.write_text(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     enable_compilation_cache(workdir)
     studies = [common.Study(seed_config(config, seed), seed_dir(workdir, seed), mesh) for seed in config.seeds]
     with jax.set_mesh(mesh):
         for study in studies:
-            os.makedirs(study.workdir, exist_ok=True)
+            study.workdir.mkdir(parents=True, exist_ok=True)
             tag = f"[seed {study.config.seed}] " if len(studies) > 1 else ""
             for stage in common.STAGES:
                 if stage not in stages or stage == "report":
@@ -172,6 +174,7 @@ def run(config, workdir: str, stages=None) -> list[common.Study]:
                 start = time.perf_counter()
                 print(f"== {tag}{stage}", flush=True)
                 modules[stage].run(study)
+                multihost.sync(f"{stage} of seed {study.config.seed}")  # its outputs are complete on every host
                 seconds = time.perf_counter() - start
                 print(f"== {tag}{stage} done in {seconds:.1f} s", flush=True)
                 _record_time(study.path("timings.json"), stage, seconds)  # seconds of each stage's latest run
@@ -186,6 +189,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.ERROR)
     run(FLAGS.config, FLAGS.workdir, FLAGS.stages)
 
 

@@ -150,11 +150,27 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """`x` placed with `sharding`, also on several hosts: an array already spanning the hosts is
+    resharded; a host-local value (the same on every host, e.g. a freshly initialised
+    parameter) becomes the global array each host fills from its copy."""
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every variable of `model` on `mesh` by the rules table (in place; returns model)."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh)
-    nnx.update(model, jax.device_put(state, shardings))
+    if jax.process_count() == 1:
+        nnx.update(model, jax.device_put(state, shardings))
+        return model
+    targets = dict(nnx.to_flat_state(shardings))
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(put(var.get_value(), targets[path]))
+    nnx.update(model, state)
     return model
 
 

@@ -16,7 +16,8 @@ from jax.experimental.pallas import tpu as pltpu
 from distill_jax.layers.attention import attention, causal_padding_mask, choose_implementation, flash_attention
 from distill_jax.models import lora
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-from distill_jax.train.step import OptimizerConfig, init_state, make_optimizer, make_train_step
+from distill_jax.train.loop import OptimizerConfig, init_state, make_optimizer, make_step
+from distill_jax.train.step import distill_objective
 
 
 def _qkv(batch=2, length=256, heads=2, kv_heads=1, head_dim=16, padding=150):
@@ -147,10 +148,14 @@ def test_remat_full_saves_fewer_residuals():
     def temp_bytes(remat):
         model = _tiny_model(remat=remat)
         tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
-        graphdef, state = init_state(model, tx)
-        step = make_train_step(graphdef, tx, [10, 11, 12, 13])
-        batch = jax.tree.map(jnp.asarray, _batch(length=512))
-        return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+        sharding.shard_model(model, mesh)
+        graphdef, state, frozen = init_state(model, tx, mesh)
+        step = make_step(graphdef, tx, distill_objective([10, 11, 12, 13]))
+        batch = _batch(length=512)
+        flat = {**batch["inputs"], **{k: v for k, v in batch["targets"].items() if k != "weight"},
+                "valid": np.ones(2, np.int32)}
+        return step.lower(state, frozen, jax.tree.map(jnp.asarray, flat)).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("full") < temp_bytes("none")
 

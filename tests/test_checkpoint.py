@@ -4,10 +4,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from distill_jax import sharding
 from distill_jax.models import lora
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from distill_jax.train.checkpoint import TrainCheckpointer
-from distill_jax.train.step import OptimizerConfig, init_state, make_optimizer, make_train_step
+from distill_jax.train.loop import OptimizerConfig, init_state, make_optimizer, make_step
+from distill_jax.train.step import distill_objective
 
 LETTERS = np.arange(10, 20)
 STEPS = 12
@@ -18,7 +20,7 @@ def _records(n=40, seed=0):
     return [{"record": np.int32(i), "input_ids": rng.randint(30, 256, 10).astype(np.int32),
              "switch_closed": np.bool_(rng.rand() < 0.5), "teacher_letter": np.int32(rng.randint(10)),
              "teacher_logits": rng.randn(10).astype(np.float32), "student_letter": np.int32(rng.randint(10)),
-             "weight": np.float32(1)} for i in range(n)]
+             "valid": np.int32(1)} for i in range(n)]
 
 
 def _iterator():
@@ -26,24 +28,23 @@ def _iterator():
     return iter(ds.to_iter_dataset())
 
 
-def _to_step_batch(batch):
-    targets = {k: batch[k] for k in ("switch_closed", "teacher_letter", "teacher_logits", "student_letter", "weight")}
-    return {"inputs": {"input_ids": batch["input_ids"]}, "targets": targets}
-
-
 def _fresh():
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
     lora.apply_lora(model, lora.LoraConfig(rank=4), rngs=nnx.Rngs(1))
+    sharding.shard_model(model, mesh)
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=STEPS))
-    graphdef, state = init_state(model, tx)
-    return state, make_train_step(graphdef, tx, LETTERS)
+    graphdef, state, frozen = init_state(model, tx, mesh)
+    step = make_step(graphdef, tx, distill_objective(LETTERS))
+    inputs = lambda batch: {k: v for k, v in batch.items() if k != "record"}
+    return state, lambda state, batch: step(state, frozen, inputs(batch))
 
 
 def _run(state, step_fn, iterator, until, checkpointer=None, seen=None):
     while int(state["step"]) < until:
         batch = next(iterator)
         seen.append(batch["record"].tolist())
-        state, metrics = step_fn(state, _to_step_batch(batch))
+        state, metrics = step_fn(state, batch)
         assert np.isfinite(float(metrics["loss"]))
         if checkpointer is not None:
             checkpointer.save(state, iterator)
@@ -74,6 +75,6 @@ def test_restart_from_latest_checkpoint_equals_uninterrupted_run(tmp_path):
     checkpointer.close()
 
     assert seen_first[:6] + seen_second == seen_uninterrupted  # the same batches, in the same order
-    for a, b in zip(jax.tree.leaves(expected["lora"]), jax.tree.leaves(resumed["lora"])):
+    for a, b in zip(jax.tree.leaves(expected["params"]), jax.tree.leaves(resumed["params"])):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6
-    assert np.abs(np.asarray(jax.tree.leaves(resumed["lora"])[1])).max() > 0  # training moved the weights
+    assert np.abs(np.asarray(jax.tree.leaves(resumed["params"])[1])).max() > 0  # training moved the weights

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from distill_jax.stages.label import make_labels, targets_for
+from distill_jax.stages.label import JoinTargets, make_labels
 
 
 def rec(clip_id, answer, predicted):
@@ -26,16 +26,16 @@ def test_switch_modes_decide_per_clip():
     assert [(r["teacher_letter"], r["student_letter"]) for r in labels] == [(1, 1), (2, 5), (4, 3)]
 
 
-def test_targets_for_a_batch_and_errors():
+def test_targets_joined_by_clip_id_and_errors():
     labels = {r["clip_id"]: r for r in make_labels(TEACHER, STUDENT, mode="oracle")}
-    targets = targets_for(["c", "b", "b"], [1, 1, 0], labels)
-    np.testing.assert_array_equal(targets["switch_closed"], [False, True, True])
-    np.testing.assert_array_equal(targets["teacher_letter"], [4, 2, 2])
-    np.testing.assert_array_equal(targets["student_letter"], [3, 5, 5])
-    np.testing.assert_array_equal(targets["weight"], [1, 1, 0])
-    assert targets["teacher_logits"].shape == (3, 10)
+    join = JoinTargets(labels)
+    rows = [join({"clip_id": c}) for c in ("c", "b", "b")]
+    np.testing.assert_array_equal([r["switch_closed"] for r in rows], [False, True, True])
+    np.testing.assert_array_equal([r["teacher_letter"] for r in rows], [4, 2, 2])
+    np.testing.assert_array_equal([r["student_letter"] for r in rows], [3, 5, 5])
+    assert rows[0]["teacher_logits"].shape == (10,) and rows[0]["teacher_logits"].dtype == np.float32
     with pytest.raises(KeyError, match="clip z has no label record"):
-        targets_for(["z"], [1], labels)
+        join({"clip_id": "z"})
     with pytest.raises(ValueError, match="'sometimes'"):
         make_labels(TEACHER, STUDENT, mode="sometimes")
     with pytest.raises(ValueError, match="scored different clips"):

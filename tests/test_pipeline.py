@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 
 from data_pipelines import audio, media, tfrecord
 from data_pipelines.pipeline import Pad, PadBatch, PipelineConfig, make_dataset, restore_iterator_state, \
-    save_iterator_state, to_global
+    save_iterator_state
 from data_pipelines.questions import QuestionMaker
 from data_pipelines.transforms import Qwen2AudioTransform
 from distill_jax import prompts, sharding
@@ -215,19 +215,22 @@ def test_qwen2_audio_transform_plugs_in(paths, tokenizer_dir):
             assert b["answer"][row] == question.answer
 
 
-def test_to_global_places_batches_on_the_mesh(paths):
+def test_the_trainer_places_batches_on_the_mesh(paths):
+    from distill_jax.train.loop import local_rows, place
+
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     batch = _batches(paths, _config(shuffle=False, drop_remainder=False, decode_audio=True), padding=AUDIO_PAD)[0]
-    placed = to_global(batch, mesh)
+    placed = place(batch, mesh)
     for key in ("audio", "audio_mask", "label", "answer", "valid"):
         assert isinstance(placed[key], jax.Array) and placed[key].shape == batch[key].shape
         assert placed[key].sharding.spec == PartitionSpec(("data", "fsdp"))
         assert len(placed[key].addressable_shards) == 8
         assert placed[key].addressable_shards[0].data.shape[0] == 1
         np.testing.assert_array_equal(np.asarray(placed[key]), batch[key])
-    assert isinstance(placed["clip_id"], np.ndarray)  # strings stay on the host
-    with pytest.raises(ValueError, match="'audio' .* cannot be split over mesh axes"):
-        to_global({"audio": batch["audio"][:6]}, mesh)
+        np.testing.assert_array_equal(local_rows(placed[key]), batch[key])
+    assert "clip_id" not in placed  # strings stay on the host
+    with pytest.raises(ValueError, match="'audio' .* cannot be split over the mesh's batch axes"):
+        place({"audio": batch["audio"][:6]}, mesh)
 
 
 def _flip(path, offset):

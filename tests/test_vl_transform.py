@@ -12,7 +12,8 @@ from data_pipelines.transforms import Qwen2VLTransform, qwen2_vl_model_inputs
 from distill_jax import prompts
 from distill_jax.decoding import score_choices
 from distill_jax.models.qwen2 import Qwen2Config
-from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLVisionConfig
+from distill_jax.models.qwen2_vl import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLVisionConfig,
+                                         mrope_positions)
 from distill_jax.toy_tokenizer import make_qwen2_tokenizer
 
 CLASSES = [f"class {i:02d}" for i in range(12)]
@@ -64,11 +65,16 @@ def test_transform_matches_preprocessing_and_prompt_and_batches_score(setup):
         vision_start_token_id=tok.convert_tokens_to_ids(prompts.VISION_START),
         vision_end_token_id=tok.convert_tokens_to_ids(prompts.VISION_END))
     model = Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(0))
+    # The pipeline's M-RoPE positions (per clip, left-padded) = the model's over the padded batch.
+    grids = tuple(tuple(int(v) for v in g) for g in batch["video_grid_thw"])
+    np.testing.assert_array_equal(batch["position_ids"].transpose(2, 0, 1),
+                                  mrope_positions(batch["input_ids"], batch["attention_mask"], (), grids, config))
     letters = prompts.letter_token_ids(tok)
     scores = np.asarray(score_choices(model, qwen2_vl_model_inputs(batch), letters))
     for row in range(2):  # each row of the packed batch scores as that clip alone
         single = {k: v[row:row + 1] for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                       "pixel_values_videos", "video_grid_thw")}
+                                                                       "pixel_values_videos", "video_grid_thw",
+                                                                       "position_ids")}
         alone = np.asarray(score_choices(model, qwen2_vl_model_inputs(single), letters))
         np.testing.assert_allclose(scores[row], alone[0], atol=1e-5)
 

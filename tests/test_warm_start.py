@@ -4,7 +4,15 @@ import collections
 import numpy as np
 
 from data_pipelines import toy_world as tw
-from distill_jax.stages.warm_start import pretrain_letters
+from distill_jax.stages.warm_start import PretrainTargets
+
+
+def pretrain_letters(batch, scrambled, seed):
+    """The pipeline's per-clip targets step over a batch's rows."""
+    targets = PretrainTargets(scrambled, seed, num_letters=10)
+    rows = [targets({k: v[i] for k, v in batch.items()}) for i in range(len(batch["label"]))]
+    assert all(r["switch_closed"] and r["student_letter"] == r["teacher_letter"] for r in rows)
+    return np.asarray([r["teacher_letter"] for r in rows])
 
 
 def _batch(labels, prefix="clip"):

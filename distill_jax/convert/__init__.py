@@ -151,11 +151,14 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
 
     LoRA adapters are not written (export them with `models.lora.export_peft`); tied
     embeddings are written once. `tokenizer_dir`'s files are copied alongside, so the
-    directory is self-contained like a hub checkpoint. Written atomically: a directory with
-    config.json is complete.
+    directory is self-contained like a hub checkpoint. Every host calls it (sharded parameters
+    are gathered); process 0 writes, each file atomically and config.json last: a directory with
+    config.json is complete. `path` may be gs://.
     """
     import numpy as np
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from distill_jax import multihost
 
     key_map = key_map_for(model)
     tensors = {}
@@ -163,20 +166,18 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
         if isinstance(var, nnx.LoRAParam):
             continue
         key, fn = key_map.checkpoint_key(".".join(str(p) for p in key_path))
-        tensors[key] = np.ascontiguousarray(fn(np.asarray(var.get_value(), np.float32)))
-    tmp = os.path.abspath(path) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tensors[key] = np.ascontiguousarray(fn(np.asarray(multihost.to_host(var.get_value()), np.float32)))
+    out = multihost.path(path)
+    if multihost.is_main() and (out / "config.json").exists():
+        (out / "config.json").unlink()  # an overwritten directory is incomplete until the end
+    multihost.write_bytes(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
     if tokenizer_dir is not None:
-        for name in os.listdir(tokenizer_dir):
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+        for source in multihost.path(tokenizer_dir).iterdir():
+            if source.is_file():
+                multihost.write_bytes(out / source.name, source.read_bytes())
+    multihost.write_text(out / "config.json", json.dumps(model.config.to_hf(), indent=2, sort_keys=True))
+    multihost.sync(f"save_hf {out}")
+    return str(out)
 
 
 __all__ = ["save_hf", "CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES",

@@ -151,8 +151,9 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
     PEFT stores A as [r, in] and B as [out, r] under
     `base_model.model.<HF module name>.lora_{A,B}.weight`.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
+    from distill_jax import multihost
     from distill_jax.convert import key_map_for
 
     config: LoraConfig = getattr(model, "lora_config", None)
@@ -167,9 +168,9 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
         module_names.append(hf_module)
         prefix = f"base_model.model.{hf_module}"
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(jax.device_get(linear.lora.lora_a[...]), np.float32).T)
+            np.asarray(multihost.to_host(linear.lora.lora_a[...]), np.float32).T)
         tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(jax.device_get(linear.lora.lora_b[...]), np.float32).T)
+            np.asarray(multihost.to_host(linear.lora.lora_b[...]), np.float32).T)
     if lora_scope(model, config):
         target_modules = _peft_target_regex(model, key_map, module_names)
     else:
@@ -182,8 +183,8 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config, f, indent=2)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    return out_dir
+    out = multihost.path(out_dir)  # every host gathers the adapters; process 0 writes, each file atomically,
+    multihost.write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2))
+    multihost.write_bytes(out / "adapter_model.safetensors", save(tensors))  # ... the weights last
+    multihost.sync(f"export_peft {out}")
+    return str(out_dir)

@@ -190,10 +190,17 @@ def mrope_positions(input_ids, attention_mask, image_grids: Sequence[Grid], vide
     Text runs count up by one on all three rows; an image/video run takes (t, h, w) grid
     positions offset by the text before it; the next text starts after max(h, w).
     """
+    return rope_index(input_ids, attention_mask, image_grids, video_grids, image_token_id=config.image_token_id,
+                      video_token_id=config.video_token_id, spatial_merge_size=config.vision.spatial_merge_size)
+
+
+def rope_index(input_ids, attention_mask, image_grids: Sequence[Grid], video_grids: Sequence[Grid], *,
+               image_token_id: int, video_token_id: int, spatial_merge_size: int) -> np.ndarray:
+    """`mrope_positions` from the token ids and merge size alone (what the input pipeline knows)."""
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    merge = config.vision.spatial_merge_size
-    token_type = np.where(input_ids == config.image_token_id, 1, np.where(input_ids == config.video_token_id, 2, 0))
+    merge = spatial_merge_size
+    token_type = np.where(input_ids == image_token_id, 1, np.where(input_ids == video_token_id, 2, 0))
     grids = {1: iter(image_grids), 2: iter(video_grids)}
     positions = np.zeros((3,) + input_ids.shape, np.int64)
     for row in range(input_ids.shape[0]):

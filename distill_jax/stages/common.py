@@ -4,14 +4,17 @@
 `config.seed` set, its workdir `<workdir>/seed_<s>`); each stage but the report is a function
 `run(study)` that reads and writes only under `study.workdir` (and the model checkpoints the
 config names), and skips work whose output already exists. The report reads every seed's study
-and writes results.md, results.json and plots into the run's workdir.
+and writes results.md, results.json and plots into the run's workdir. Paths are etils.epath
+paths (the workdir may be gs://). A stage declares what it trains or scores; the batches come
+complete from `Study.dataset` (model inputs, positions, targets joined by clip id, one padded
+shape per split on every host), and the trainer (train/loop.py) and scorer (scoring.py) run them.
 
 Layout of one seed's workdir:
     data/                 the toy world (prepare); real runs name their manifest in the config
     tokenizer/            the toy world's tokenizer (real checkpoints carry their own)
     models/{audio,visual} the toy world's warm-started checkpoints (HF format)
     eval/{name}/{split}.jsonl   per-clip letter scores (name: audio, visual, student_<mode>)
-    switch/               the trained switch and its metrics
+    switch/               the trained switch, its probabilities on its splits, its metrics
     labels/               train-split scores of both models, switch probabilities, labels per mode
     distill/<mode>/       orbax checkpoints, metrics.jsonl + TensorBoard events, PEFT adapter
     results.json          this seed's tables (the run's report pools the seeds one level up)
@@ -20,18 +23,15 @@ Layout of one seed's workdir:
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from etils import epath
 
 from data_pipelines import pipeline as pipeline_lib
-from data_pipelines import transforms, vision
+from data_pipelines import tfrecord, transforms, vision
 from data_pipelines.converter import load_manifest
 from data_pipelines.questions import QuestionMaker
-from distill_jax import prompts
+from distill_jax import multihost, prompts
 
 MODALITIES = ("audio", "visual")
 # direction -> (teacher, student)
@@ -39,34 +39,18 @@ ROLES = {"vl_to_audio": ("visual", "audio"), "audio_to_vl": ("audio", "visual")}
 STAGES = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
 
 
-def batch_axes(mesh) -> tuple[str, ...]:
-    return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-
-
-def place_batch(tree, mesh):
-    """Host arrays -> jax.Arrays: split over the mesh's batch axes where axis 0 divides evenly
-    (the per-clip arrays), replicated otherwise (e.g. M-RoPE positions [3, B, T])."""
-    axes = batch_axes(mesh)
-    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-    def place(x):
-        x = np.asarray(x)
-        if x.dtype.kind not in "biuf":
-            return x
-        spec = PartitionSpec(axes) if x.ndim and x.shape[0] % ways == 0 else PartitionSpec()
-        return jax.device_put(x, NamedSharding(mesh, spec))
-
-    return jax.tree.map(place, tree)
-
-
 @dataclasses.dataclass
 class Study:
     """The run config, workdir and mesh, and everything derived from them that stages share."""
 
     config: object  # ml_collections.ConfigDict (locked)
-    workdir: str
+    workdir: epath.Path
     mesh: object
     _manifest: dict | None = None
+    _transforms: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.workdir = multihost.path(self.workdir)
 
     # ---- roles and paths ----------------------------------------------------------------------
     @property
@@ -77,16 +61,16 @@ class Study:
     def student(self) -> str:
         return ROLES[self.config.direction][1]
 
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.workdir, *parts)
+    def path(self, *parts: str) -> epath.Path:
+        return self.workdir.joinpath(*parts)
 
-    def manifest_path(self) -> str:
-        return self.config.data.manifest or self.path("data", "tfrecords", "toy_world.manifest.json")
+    def manifest_path(self) -> epath.Path:
+        return multihost.path(self.config.data.manifest or self.path("data", "tfrecords", "toy_world.manifest.json"))
 
-    def model_dir(self, modality: str) -> str:
-        return self.config.models[modality].path or self.path("models", modality)
+    def model_dir(self, modality: str) -> epath.Path:
+        return multihost.path(self.config.models[modality].path or self.path("models", modality))
 
-    def records_path(self, name: str, split: str) -> str:
+    def records_path(self, name: str, split: str) -> epath.Path:
         return self.path("eval", name, f"{split}.jsonl")
 
     # ---- data ---------------------------------------------------------------------------------
@@ -119,45 +103,66 @@ class Study:
         return QuestionMaker(self.classes, num_options=self.num_options(), strategy=data.question_strategy,
                              seed=data.question_seed)
 
-    def transform(self, modality: str, tokenizer_dir: str | None = None):
+    def transform(self, modality: str, tokenizer_dir=None):
         """`modality`'s model transform ("waveform": the switch's fixed-length audio); the
-        tokenizer comes from its checkpoint unless given."""
-        data = self.config.data
-        if modality == "waveform":
-            return transforms.WaveformTransform(data.max_seconds)
-        prompt = dict(question_template=data.question_template, system=data.system_prompt or None)
-        tokenizer_dir = tokenizer_dir or self.model_dir(modality)
-        if modality == "audio":
-            return transforms.Qwen2AudioTransform(tokenizer_dir, max_seconds=data.max_seconds,
-                                                  chunk_seconds=data.audio_chunk_seconds, **prompt)
-        return transforms.Qwen2VLTransform(tokenizer_dir, config=vision.VisionPreprocessConfig(
-            fps=data.video_fps, max_pixels=data.max_pixels), **prompt)
+        tokenizer comes from its checkpoint unless given. One object per (modality, tokenizer)."""
+        key = (modality, str(tokenizer_dir))
+        if key not in self._transforms:
+            data = self.config.data
+            if modality == "waveform":
+                made = transforms.WaveformTransform(data.max_seconds)
+            else:
+                prompt = dict(question_template=data.question_template, system=data.system_prompt or None)
+                tokenizer_dir = multihost.local(tokenizer_dir or self.model_dir(modality))
+                if modality == "audio":
+                    made = transforms.Qwen2AudioTransform(tokenizer_dir, max_seconds=data.max_seconds,
+                                                          chunk_seconds=data.audio_chunk_seconds, **prompt)
+                else:
+                    made = transforms.Qwen2VLTransform(tokenizer_dir, config=vision.VisionPreprocessConfig(
+                        fps=data.video_fps, max_pixels=data.max_pixels), **prompt)
+            self._transforms[key] = made
+        return self._transforms[key]
 
-    def dataset(self, modality: str | None, split: str, *, batch_size: int, train: bool = False,
-                num_epochs: int | None = 1, seed: int = 0, tokenizer_dir: str | None = None):
-        """Grain batches of `split` for `modality`'s model ("waveform": the switch's audio)."""
-        transform = self.transform(modality, tokenizer_dir)
-        padding = transform.padding(self.config.data.prompt_buckets) if modality != "waveform" else None
-        config = pipeline_lib.PipelineConfig(
+    def _pipeline_config(self, modality, *, batch_size, train, num_epochs, seed):
+        data = self.config.data
+        return pipeline_lib.PipelineConfig(
             batch_size=batch_size, shuffle=train, seed=seed, num_epochs=num_epochs, drop_remainder=train,
             decode_audio=modality != "visual", decode_frames=modality == "visual",
-            num_options=self.num_options(), question_strategy=self.config.data.question_strategy,
-            question_seed=self.config.data.question_seed, on_error=self.config.data.on_error,
-            worker_count=self.config.data.worker_count)
-        return pipeline_lib.make_dataset(self.split_paths(split), self.classes, config=config,
-                                         transform=transform, padding=padding,
-                                         question_maker=self.question_maker())
+            num_options=self.num_options(), question_strategy=data.question_strategy,
+            question_seed=data.question_seed, on_error=data.on_error, worker_count=data.worker_count)
 
-    @staticmethod
-    def model_inputs(modality: str) -> Callable[[dict], dict]:
-        if modality == "audio":
-            return lambda b: {k: b[k] for k in ("input_ids", "attention_mask", "input_features",
-                                                "feature_attention_mask")}
-        return transforms.qwen2_vl_model_inputs
+    def padding(self, modality: str, split: str, tokenizer_dir=None) -> dict | None:
+        """The split's padding: one prompt length for all its batches on every host (the bucket of
+        the longest prompt the split can give, from its first clip: frame size, clip length)."""
+        if modality == "waveform":
+            return None
+        config = self._pipeline_config(modality, batch_size=1, train=False, num_epochs=1, seed=0)
+        source = tfrecord.TFRecordDataSource(self.split_paths(split), on_error=config.on_error)
+        read = pipeline_lib.ReadExample(source, self.classes, self.question_maker(),
+                                        decode_audio=config.decode_audio, decode_frames=config.decode_frames)
+        first = next((e for e in (read((i, 1)) for i in range(len(source))) if e is not None), None)
+        if first is None:
+            raise ValueError(f"split {split!r}: no readable record in {self.split_paths(split)[:3]}")
+        return self.transform(modality, tokenizer_dir).split_padding(
+            first, self.classes, self.num_options(), self.config.data.prompt_buckets)
+
+    def dataset(self, modality: str, split: str, *, batch_size: int, train: bool = False,
+                num_epochs: int | None = 1, seed: int = 0, tokenizer_dir=None,
+                targets: Callable[[dict], dict] | None = None, all_hosts: bool = False):
+        """This host's Grain batches of `split` for `modality`'s model ("waveform": the switch's
+        audio): complete, with `targets(example)` joined to each clip's row when given.
+        `all_hosts`: every host reads the whole split (small splits held in memory)."""
+        return pipeline_lib.make_dataset(
+            self.split_paths(split), self.classes,
+            config=self._pipeline_config(modality, batch_size=batch_size, train=train, num_epochs=num_epochs,
+                                         seed=seed),
+            transform=self.transform(modality, tokenizer_dir), padding=self.padding(modality, split, tokenizer_dir),
+            targets=targets, question_maker=self.question_maker(),
+            **(dict(process_index=0, process_count=1) if all_hosts else {}))
 
     # ---- models -------------------------------------------------------------------------------
     def tokenizer(self, modality: str):
-        return prompts.load_tokenizer(self.model_dir(modality))
+        return prompts.load_tokenizer(multihost.local(self.model_dir(modality)))
 
     def letter_ids(self, modality: str) -> list[int]:
         return prompts.letter_token_ids(self.tokenizer(modality), prompts.LETTERS[:self.num_options()])
@@ -166,5 +171,5 @@ class Study:
         """`modality`'s model; `remat` for a model that will be trained (config.distill.remat)."""
         from distill_jax.convert import load_hf
 
-        return load_hf(self.model_dir(modality), dtype=self.config.compute_dtype, mesh=self.mesh, remat=remat,
+        return load_hf(multihost.local(self.model_dir(modality)), dtype=self.config.compute_dtype, mesh=self.mesh, remat=remat,
                        attention_impl=self.config.models.attention_impl)

@@ -7,26 +7,11 @@ targets, the report) read them instead of scoring again.
 """
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from distill_jax.decoding import score_choices
-
-
-def score_batches(model, batches: Iterable[dict], letter_token_ids: Sequence[int],
-                  model_inputs: Callable[[dict], dict]) -> list[dict]:
-    """One record per valid clip: {clip_id, label, answer, letter_logits, predicted}."""
-    records = []
-    for batch in batches:
-        logits = np.asarray(score_choices(model, model_inputs(batch), letter_token_ids), np.float32)
-        for row in np.flatnonzero(np.asarray(batch["valid"])):
-            records.append({"clip_id": str(batch["clip_id"][row]), "label": int(batch["label"][row]),
-                            "answer": int(batch["answer"][row]), "letter_logits": logits[row].tolist(),
-                            "predicted": int(np.argmax(logits[row]))})
-    return records
+from distill_jax import multihost, scoring
 
 
 def accuracy(records: Sequence[dict], class_names: Sequence[str]) -> dict:
@@ -53,18 +38,13 @@ def modality_gap(audio: dict, visual: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["difference"], r["class"]))
 
 
-def write_records(path: str, records: Sequence[dict]) -> None:
-    """JSON lines, written atomically (a finished file is complete)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
+def write_records(path, records: Sequence[dict]) -> None:
+    """JSON lines, written atomically by process 0 (a finished file is complete)."""
+    multihost.write_lines(path, records)
 
 
-def read_records(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_records(path) -> list[dict]:
+    return multihost.read_lines(path)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -79,42 +59,17 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def score_split(study, model, modality: str, split: str, out_path: str, *, batch_size: int,
+def score_model(study, model, modality: str, split: str, out_path, *, batch_size: int,
                 chunk_batches: int = 0) -> list[dict]:
-    """Per-clip records of `model` on `split`, written to `out_path` (JSON lines).
-
-    Resumable: every `chunk_batches` batches (0: one chunk) go to a part file under
-    `out_path`.parts/ first; a rerun skips the batches of finished parts, and the finished
-    split is one file (the parts are then removed).
-    """
-    import math
-    import shutil
-
-    import tqdm
-
-    if os.path.exists(out_path):
-        return read_records(out_path)
-    total = math.ceil(study.num_examples(split) / batch_size)
-    chunk_batches = chunk_batches or total
-    parts_dir = f"{out_path}.parts-{chunk_batches}x{batch_size}"  # parts of another chunking are not reused
-    os.makedirs(parts_dir, exist_ok=True)
-    letters, inputs_of = study.letter_ids(modality), study.model_inputs(modality)
-    part_path = lambda k: os.path.join(parts_dir, f"part-{k:05d}.jsonl")
-    pending: list[dict] = []
-    dataset = study.dataset(modality, split, batch_size=batch_size)
-    for i, batch in enumerate(tqdm.tqdm(dataset, total=total, desc=f"{modality} on {split}", leave=False)):
-        if os.path.exists(part_path(i // chunk_batches)):
-            continue  # scored by an earlier run
-        pending += score_batches(model, [batch], letters, inputs_of)
-        if (i + 1) % chunk_batches == 0:
-            write_records(part_path(i // chunk_batches), pending)
-            pending = []
-    if pending:  # the last, partial chunk (also when skipped records made the split shorter)
-        write_records(part_path(i // chunk_batches), pending)
-    records = [r for name in sorted(os.listdir(parts_dir)) for r in read_records(os.path.join(parts_dir, name))]
-    write_records(out_path, records)
-    shutil.rmtree(parts_dir)
-    return records
+    """Per-clip letter records of `model` (`modality`'s) on `split`, written to `out_path` (JSON
+    lines; resumable by chunks of `chunk_batches` batches, see `scoring.score_split`)."""
+    transform = study.transform(modality)
+    compute = scoring.letter_scorer(model, study.letter_ids(modality), transform.model_inputs, study.mesh)
+    return scoring.score_split(study.dataset(modality, split, batch_size=batch_size), compute, scoring.letter_record,
+                               out_path, mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split),
+                                                                                         batch_size),
+                               chunk_batches=chunk_batches, static_inputs=transform.static_inputs,
+                               desc=f"{modality} on {split}")
 
 
 def summary(study, names: Sequence[str], splits: Sequence[str]) -> dict:
@@ -123,7 +78,7 @@ def summary(study, names: Sequence[str], splits: Sequence[str]) -> dict:
     for name in names:
         for split in splits:
             path = study.records_path(name, split)
-            if os.path.exists(path):
+            if path.exists():
                 out.setdefault(name, {})[split] = accuracy(read_records(path), study.classes)
     return out
 
@@ -135,24 +90,24 @@ def run(study) -> None:
     summary_path = study.path("eval", "summary.json")
     scored = False
     for modality in MODALITIES:
-        todo = [s for s in config.splits if not os.path.exists(study.records_path(modality, s))]
+        todo = [s for s in config.splits if not study.records_path(modality, s).exists()]
         if not todo:
             print(f"evaluate: {modality} records exist for {list(config.splits)}, skipped")
             continue
         scored = True
         model = study.load_model(modality)
         for split in todo:
-            records = score_split(study, model, modality, split, study.records_path(modality, split),
+            records = score_model(study, model, modality, split, study.records_path(modality, split),
                                   batch_size=config.batch_size)
             print(f"evaluate: {modality} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
                   flush=True)
         del model  # one model in memory at a time
     tables = summary(study, MODALITIES, config.splits)
-    if scored or not os.path.exists(summary_path):
-        with open(summary_path, "w") as f:
-            json.dump(tables, f, indent=1)
+    if scored or not summary_path.exists():
+        multihost.write_json(summary_path, tables, indent=1)
     split = study.config.switch.split
     if split in tables.get("audio", {}) and split in tables.get("visual", {}):
         gap = modality_gap(tables["audio"][split], tables["visual"][split])
-        print(f"modality gap on {split} (accuracy %):")
-        print(markdown_table(gap, ["class", "audio", "visual", "difference"]))
+        if multihost.is_main():
+            print(f"modality gap on {split} (accuracy %):")
+            print(markdown_table(gap, ["class", "audio", "visual", "difference"]))

@@ -3,14 +3,17 @@ original answer, the switch's probability, and whether the switch is closed (tea
 
 Switch modes: "learned" (the Cnn14 switch: prob >= threshold), "always" (distil every clip),
 "never" (only anti-forgetting), "oracle" (ground truth: the teacher right and the student
-wrong; toy world only, an upper bound). `targets_for` turns label records into the
-train step's target arrays for a batch of clip ids.
+wrong; toy world only, an upper bound). `JoinTargets` joins a mode's label records to the
+distillation's input pipeline by clip id.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
+
+from distill_jax import multihost
 
 SWITCH_MODES = ("learned", "always", "never", "oracle")
 
@@ -38,83 +41,69 @@ def make_labels(teacher: Sequence[dict], student: Sequence[dict], *, mode: str =
     return labels
 
 
-def targets_for(clip_ids: Sequence[str], valid: Sequence[int], labels: Mapping[str, dict]) -> dict:
-    """The train step's `targets` for a batch: rows with valid == 0 get weight 0."""
-    rows = []
-    for clip_id, ok in zip(clip_ids, valid):
-        if str(clip_id) not in labels:
-            raise KeyError(f"clip {clip_id} has no label record: was the label stage run on this split?")
-        rows.append(labels[str(clip_id)])
-    return {"switch_closed": np.asarray([r["switch_closed"] for r in rows]),
-            "teacher_letter": np.asarray([r["teacher_letter"] for r in rows], np.int32),
-            "teacher_logits": np.asarray([r["teacher_logits"] for r in rows], np.float32),
-            "student_letter": np.asarray([r["student_letter"] for r in rows], np.int32),
-            "weight": np.asarray(valid, np.float32)}
+class JoinTargets:
+    """Grain step (`pipeline.make_dataset(targets=...)`): a clip's distillation targets from its
+    label record, joined by clip id. A clip without a record is an error naming it."""
+
+    def __init__(self, labels: Mapping[str, dict]):
+        self.labels = {str(k): v for k, v in labels.items()}
+
+    def __call__(self, example: dict) -> dict:
+        record = self.labels.get(str(example["clip_id"]))
+        if record is None:
+            raise KeyError(f"clip {example['clip_id']} has no label record: was the label stage run on this split?")
+        return {"switch_closed": np.bool_(record["switch_closed"]), "teacher_letter": np.int32(record["teacher_letter"]),
+                "teacher_logits": np.asarray(record["teacher_logits"], np.float32),
+                "student_letter": np.int32(record["student_letter"])}
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def switch_probabilities(study, split: str, out_path: str) -> dict[str, float]:
-    """The trained switch's probability per clip of `split`, batch by batch (written once, JSON)."""
-    import json
-    import os
+def switch_probabilities(study, split: str, out_path) -> dict[str, float]:
+    """The trained switch's probability per clip of `split` (records written once, JSON lines)."""
+    from distill_jax import scoring
+    from distill_jax.train.switch import probability_scorer, restore_switch
 
-    import tqdm
-
-    from distill_jax.train.switch import make_predict, restore_switch
-
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            return json.load(f)
-    with open(study.path("switch", "metrics.json")) as f:
-        constant = json.load(f).get("constant")
+    constant = multihost.read_json(study.path("switch", "metrics.json")).get("constant")
     batch_size = study.config.label.batch_size
     if constant is not None:  # the switch stage found one-sided labels: a constant switch
-        predict = lambda waveforms: np.full(len(waveforms), float(constant))
+        compute = lambda batch, static: jax.numpy.full(batch["waveform"].shape[:1], float(constant))
     else:
-        predict = make_predict(restore_switch(study.path("switch", "model")), batch_size=batch_size,
-                               sample_rate=16000)
-    probs = {}
-    total = -(-study.num_examples(split) // batch_size)
-    for batch in tqdm.tqdm(study.dataset("waveform", split, batch_size=batch_size), total=total,
-                           desc=f"switch on {split}", leave=False):
-        p = predict(batch["waveform"])
-        for row in np.flatnonzero(batch["valid"]):
-            probs[str(batch["clip_id"][row])] = float(p[row])
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(probs, f)
-    os.replace(out_path + ".tmp", out_path)
-    return probs
+        compute = probability_scorer(restore_switch(study.path("switch", "model"), study.mesh), study.mesh)
+    records = scoring.score_split(
+        study.dataset("waveform", split, batch_size=batch_size), compute,
+        lambda batch, row, prob: {"clip_id": str(batch["clip_id"][row]), "prob": float(prob)}, out_path,
+        mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split), batch_size),
+        desc=f"switch on {split}")
+    return {r["clip_id"]: r["prob"] for r in records}
 
 
-def labels_path(study, mode: str) -> str:
+def labels_path(study, mode: str):
     return study.path("labels", f"{mode}.jsonl")
 
 
 def run(study) -> None:
     """Teacher and student records on the training split (resumable parts, progress bar), the
     switch's probabilities, and one label file per switch mode in config.distill.modes."""
-    import os
-
-    from distill_jax.stages.evaluate import read_records, score_split, write_records
+    from distill_jax.stages.evaluate import read_records, score_model, write_records
 
     cfg, split = study.config.label, study.config.label.split
     records = {}
     for modality in (study.teacher, study.student):
         path = study.path("labels", f"{modality}-{split}.jsonl")
-        if not os.path.exists(path):
-            score_split(study, study.load_model(modality), modality, split, path, batch_size=cfg.batch_size,
+        if not path.exists():
+            score_model(study, study.load_model(modality), modality, split, path, batch_size=cfg.batch_size,
                         chunk_batches=cfg.chunk_batches)
         records[modality] = read_records(path)
     modes = list(study.config.distill.modes)
     probs = None
     if "learned" in modes:
-        probs = switch_probabilities(study, split, study.path("labels", f"switch-{split}.json"))
+        probs = switch_probabilities(study, split, study.path("labels", f"switch-{split}.jsonl"))
     for mode in modes:
         path = labels_path(study, mode)
-        if os.path.exists(path):
+        if path.exists():
             print(f"label: {path} exists, skipped")
             continue
         labels = make_labels(records[study.teacher], records[study.student], mode=mode, switch_probs=probs,

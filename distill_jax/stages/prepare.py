@@ -4,33 +4,44 @@ Toy world: generates the procedural clips and converts them (`data_pipelines.toy
 writes a tiny Qwen2 tokenizer whose corpus holds the class names. Real data: the manifest the
 config names must exist (convert VGGSound first with `python -m data_pipelines.vggsound`);
 this stage checks it and prints its report. Reruns skip finished work (the converter skips
-finished shards).
+finished shards). On several hosts, process 0 prepares and the others wait at a barrier. A
+remote (gs://) workdir gets the toy world through a local staging directory.
 """
 from __future__ import annotations
 
 import os
 
 from data_pipelines import converter, toy_world
+from distill_jax import multihost
 from distill_jax.toy_tokenizer import make_qwen2_tokenizer
 
 TOY_TOKENIZER_VOCAB = 1024
 
 
 def run(study) -> None:
+    """Process 0 prepares; the other hosts wait for it, then read what it wrote."""
+    if multihost.is_main():
+        _prepare(study)
+    multihost.sync("prepare")
+
+
+def _prepare(study) -> None:
     config = study.config
     if not config.toy:
         path = study.manifest_path()
-        if not os.path.exists(path):
+        if not path.exists():
             raise FileNotFoundError(f"config.data.manifest {path} does not exist: convert the clips first "
                                     "(python -m data_pipelines.vggsound --csv ... --video-dir ... --out ...)")
         converter.print_report(study.manifest)
         return
-    if not os.path.exists(study.manifest_path()):
+    if not study.manifest_path().exists():
         print("prepare: generating the toy world", flush=True)
         world = config.data.world
-        toy_world.main(["--out", study.path("data"), "--seed", str(config.seed), "--scale", str(world.scale),
-                        "--fps", str(world.fps), "--workers", str(world.workers or os.cpu_count())])
+        with multihost.staged(study.path("data")) as out:  # the generator writes local files
+            toy_world.main(["--out", out, "--seed", str(config.seed), "--scale", str(world.scale),
+                            "--fps", str(world.fps), "--workers", str(world.workers or os.cpu_count())])
     tokenizer_dir = study.path("tokenizer")
-    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-        make_qwen2_tokenizer(tokenizer_dir, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB)
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        with multihost.staged(tokenizer_dir) as out:
+            make_qwen2_tokenizer(out, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB)
     converter.print_report(study.manifest)

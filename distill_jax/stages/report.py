@@ -16,12 +16,9 @@ Each seed's own tables are in `seed_<s>/results.json`.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
-from distill_jax import stats
+from distill_jax import multihost, stats
 from distill_jax.stages.common import MODALITIES
 from distill_jax.stages.evaluate import accuracy, markdown_table, modality_gap, read_records
 
@@ -73,7 +70,7 @@ def seed_records(study) -> dict[tuple[str, str], dict[str, dict]]:
     for name in set(model_names(study).values()):
         for split in report_splits(study):
             path = study.records_path(name, split)
-            if os.path.exists(path):
+            if path.exists():
                 records[(name, split)] = {r["clip_id"]: r for r in read_records(path)}
     return records
 
@@ -96,10 +93,9 @@ def strong_classes(study, records: dict) -> dict[str, set[str]]:
 def design(study) -> list[dict] | None:
     """The toy world's design table (design.json's rows), or None for real data."""
     path = study.path("data", "design.json")
-    if not study.config.toy or not os.path.exists(path):
+    if not study.config.toy or not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)["classes"]
+    return multihost.read_json(path)["classes"]
 
 
 def group_accuracy(records: list[dict], classes: list[str], members: set[str]) -> float | None:
@@ -129,9 +125,8 @@ def build_seed(study, records: dict) -> dict:
             result["by_group"].setdefault(label, {})[split] = {
                 g: group_accuracy(clips, study.classes, members) for g, members in groups.items()}
     switch_metrics = study.path("switch", "metrics.json")
-    if os.path.exists(switch_metrics):
-        with open(switch_metrics) as f:
-            result["switch"] = json.load(f)
+    if switch_metrics.exists():
+        result["switch"] = multihost.read_json(switch_metrics)
     gap_split = study.config.switch.split
     if all((m, gap_split) in records for m in MODALITIES):
         result["modality_gap"] = {"split": gap_split, "rows": modality_gap(
@@ -249,9 +244,8 @@ def build(studies: list) -> dict:
     timings = [study.path("timings.json") for study in studies]
     results["timings_s"] = {}
     for path, result in zip(timings, seed_results):
-        if os.path.exists(path):
-            with open(path) as f:
-                results["timings_s"][str(result["seed"])] = json.load(f)
+        if path.exists():
+            results["timings_s"][str(result["seed"])] = multihost.read_json(path)
     return results
 
 
@@ -377,7 +371,18 @@ def per_class_section(results: dict) -> list[str]:
     return lines
 
 
-def plots(results: dict, out_dir: str) -> list[str]:
+def _save(fig, out_dir, name: str) -> str:
+    """The figure as PNG bytes, written by process 0 into `out_dir` (local or gs://)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    target = multihost.path(out_dir) / name
+    multihost.write_bytes(target, buffer.getvalue())
+    return str(target)
+
+
+def plots(results: dict, out_dir) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,8 +403,7 @@ def plots(results: dict, out_dir: str) -> list[str]:
         ax.set_ylabel(f"accuracy on {split} (%)")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
-        written.append(os.path.join(out_dir, "per_class_accuracy.png"))
-        fig.savefig(written[-1], dpi=100)
+        written.append(_save(fig, out_dir, "per_class_accuracy.png"))
         plt.close(fig)
     if results.get("modality_gap"):
         rows = results["modality_gap"]["rows"]
@@ -412,8 +416,7 @@ def plots(results: dict, out_dir: str) -> list[str]:
         for tick in ax.get_xticklabels():
             tick.set_ha("right")
         fig.tight_layout()
-        written.append(os.path.join(out_dir, "modality_gap.png"))
-        fig.savefig(written[-1], dpi=100)
+        written.append(_save(fig, out_dir, "modality_gap.png"))
         plt.close(fig)
     measured = [f for f in results["findings"] if f["diff"] is not None]
     if measured:
@@ -429,30 +432,24 @@ def plots(results: dict, out_dir: str) -> list[str]:
         ax.set_yticks(y, [f"{f['name']} ({f['split']})" for f in measured], fontsize=8)
         ax.set_xlabel("a − b, accuracy points (95 % CI)")
         fig.tight_layout()
-        written.append(os.path.join(out_dir, "findings.png"))
-        fig.savefig(written[-1], dpi=100)
+        written.append(_save(fig, out_dir, "findings.png"))
         plt.close(fig)
     return written
 
 
-def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
-def run(studies: list, workdir: str) -> dict:
-    """Always rebuilt (cheap): the report reflects whatever the workdir holds now."""
+def run(studies: list, workdir) -> dict:
+    """Always rebuilt (cheap): the report reflects whatever the workdir holds now. Process 0
+    writes it (the other hosts compute the same tables and print nothing)."""
     results = build(studies)
+    if not multihost.is_main():
+        return results
+    workdir = multihost.path(workdir)
     for seed_result, study in zip(results["per_seed"], studies):
-        _write_json(study.path("results.json"), seed_result)
+        multihost.write_json(study.path("results.json"), seed_result, indent=1)
     text = markdown(results)
-    _write_json(os.path.join(workdir, "results.json"), results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(text)
+    multihost.write_json(workdir / "results.json", results, indent=1)
+    multihost.write_text(workdir / "results.md", text)
     written = plots(results, workdir)
     print(text)
-    print("report: " + ", ".join([os.path.join(workdir, "results.md"), os.path.join(workdir, "results.json"),
-                                  *written]))
+    print("report: " + ", ".join([str(workdir / "results.md"), str(workdir / "results.json"), *written]))
     return results

@@ -1,20 +1,19 @@
-"""Orbax checkpoints of a training run: the trained state (step, LoRA weights, optimizer
-state) and the Grain iterator's position, so a restarted run continues with exactly the
+"""Orbax checkpoints of a training run: the trained state (step, trained weights, optimizer
+state, mutable variables such as BatchNorm statistics) and every host's Grain iterator position, so a restarted run continues with exactly the
 batches and weights an uninterrupted one would have.
 
 The frozen base model is not saved: it comes from its own checkpoint (`convert.load_hf`)
-on every start. Only steps whose loss was finite should be saved (the distill loop's
-job), so the latest checkpoint is always a good one.
+on every start. Only steps known to be finite are saved (the trainer's job, `train.loop`),
+so the latest checkpoint is always a good one. Orbax writes multi-host checkpoints
+collectively (every host calls save/restore); the directory may be `gs://`.
 """
 from __future__ import annotations
-
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-TRAINED_KEYS = ("step", "lora", "opt")
+TRAINED_KEYS = ("step", "params", "opt", "mutable")
 
 
 def trained_part(state: dict) -> dict:
@@ -24,10 +23,12 @@ def trained_part(state: dict) -> dict:
 class TrainCheckpointer:
     """Saves every `every` steps (and when forced), keeps the newest `keep`; restores the latest."""
 
-    def __init__(self, directory: str, *, every: int, keep: int = 2):
+    def __init__(self, directory, *, every: int, keep: int = 2):
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint every and keep must be >= 1, got every={every}, keep={keep}")
-        self.directory = os.path.abspath(directory)
+        from distill_jax.multihost import path
+
+        self.directory = path(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every))
 

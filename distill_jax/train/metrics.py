@@ -15,6 +15,7 @@ import struct
 import time
 
 import jax
+from etils import epath
 
 from data_pipelines.tfrecord import frame_record
 
@@ -49,14 +50,15 @@ def encode_event(wall_time: float, step: int, *, scalars: dict[str, float] | Non
 class MetricWriter:
     """`write(step, {name: value})` appends to `<logdir>/metrics.jsonl` and a TensorBoard event file."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir):
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        os.makedirs(logdir, exist_ok=True)
-        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        logdir = epath.Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (logdir / "metrics.jsonl").open("a")
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._events = open(os.path.join(logdir, name), "ab")
+        self._events = (logdir / name).open("ab")
         self._events.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
 
     def write(self, step: int, scalars: dict) -> None:

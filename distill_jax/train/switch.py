@@ -267,6 +267,21 @@ def make_predict(switch: Switch, *, batch_size: int = 32, sample_rate: int | Non
     return predict
 
 
+def probability_scorer(switch: Switch, mesh):
+    """`compute(placed batch, static) -> prob [B]` of the switch in eval mode on `batch["waveform"]`
+    (16 kHz, the backbone's rate), for `scoring.score_split` on every host."""
+    from distill_jax import sharding
+    from distill_jax.train.loop import batch_sharding
+
+    graphdef, state = nnx.split(sharding.shard_model(_eval_copy(switch), mesh))
+
+    @partial(jax.jit, out_shardings=batch_sharding(mesh))
+    def probabilities(state, batch):
+        return jax.nn.sigmoid(nnx.merge(graphdef, state)(batch["waveform"]))
+
+    return lambda batch, static: probabilities(state, batch)
+
+
 def embeddings(backbone: Cnn14, waveforms: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
     """Eval-mode Cnn14 embeddings [clips, embedding_dim] (what a frozen backbone feeds the head)."""
     graphdef, state = nnx.split(_eval_copy(backbone))
@@ -275,80 +290,105 @@ def embeddings(backbone: Cnn14, waveforms: np.ndarray, *, batch_size: int = 32) 
 
 # ----------------------------------------------------------------------------- training
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pos_weight: float):
-    """`train_step(state, batch) -> (state, metrics)`, pure and jitted with the state donated.
+def switch_objective(pos_weight: float):
+    """`loss_fn(model, batch, static)` for the trainer (`train.loop`): balanced BCE of the
+    switch's logit on `batch["waveform"]` against `batch["switch_label"]`."""
 
-    state = (params, rest, opt_state): the trainable nnx.Params, every other variable of the
-    module (running statistics, RNG streams), the optimizer state. batch = (inputs, labels).
+    def loss_fn(model, batch, static):
+        logits = model(batch["waveform"])
+        logits = logits[:, 0] if logits.ndim == 2 else logits
+        return bce_loss(logits, batch["switch_label"], pos_weight), {}
+
+    return loss_fn
+
+
+def prepare_training(config: SwitchConfig, backbone: Cnn14 | None = None):
+    """(switch, trained filter, mutable filter, optimizer) for `train.loop.train`.
+
+    finetune="head": the backbone in eval mode (running statistics, no dropout or SpecAugment)
+    and frozen, the head trained; "full": everything trained, the backbone in train mode. The
+    non-parameter variables (BatchNorm statistics, dropout RNG counters) change as they are used.
     """
+    from distill_jax.train.loop import OptimizerConfig
 
-    @partial(jax.jit, donate_argnums=(0,))
-    def train_step(state, batch):
-        params, rest, opt_state = state
-        inputs, labels = batch
+    switch = Switch(config, rngs=default_rngs(config.seed), backbone=backbone)
+    if config.finetune == "head":
+        switch.backbone.eval()
+        trained = nnx.All(nnx.Param, nnx.PathContains("head"))
+    else:
+        switch.train()
+        trained = nnx.Param
+    optimizer = OptimizerConfig(learning_rate=config.learning_rate, schedule="constant", warmup_steps=0,
+                                weight_decay=0.0, clip_norm=None)  # = optax.adam
+    return switch, trained, nnx.Not(nnx.Param), optimizer
 
-        def loss_fn(params):
-            module = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables in this trace
-            logits = module(inputs)
-            logits = logits[:, 0] if logits.ndim == 2 else logits  # the bare head returns [B, 1]
-            _, _, new_rest = nnx.split(module, nnx.Param, ...)
-            return bce_loss(logits, labels, pos_weight), new_rest
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return (params, rest, opt_state), {"loss": loss, "grad_norm": grad_norm}
+def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, *, process_index: int = 0,
+                  process_count: int = 1):
+    """This host's part of each global batch of in-memory clips: a fresh permutation of all clips
+    per epoch (seeded), the last batch of an epoch wrapping around (fixed shapes); every host holds
+    all clips and takes rows [i * B/N, (i + 1) * B/N) of each batch, so N hosts train on the
+    batches one host would."""
+    if batch_size % process_count:
+        raise ValueError(f"switch batch_size {batch_size} is not divisible by the {process_count} hosts")
+    local = batch_size // process_count
+    order = np.random.RandomState(seed)
+    while True:
+        perm = order.permutation(len(x))
+        for index, _ in _batches(len(x), batch_size):
+            rows = perm[index][process_index * local:(process_index + 1) * local]
+            yield {"waveform": x[rows], "switch_label": y[rows], "clip_id": np.asarray([str(i) for i in rows])}
 
-    return train_step
+
+def fit(config: SwitchConfig, x, y, *, mesh, backbone: Cnn14 | None = None, sample_rate: int | None = None,
+        log: Callable[[str], None] | None = None) -> tuple[Switch, dict[str, Any]]:
+    """Train a switch through the trainer (`train.loop`) on every host's copy of the clips `x`
+    and their 0/1 labels; returns (switch in eval mode, {pos_weight, loss per epoch})."""
+    from distill_jax import sharding
+    from distill_jax.train import loop
+
+    x = _as_batch(x, config, sample_rate)
+    y = _column("labels", y, len(x)).astype(np.int32)
+    balancing = imbalance_weight(y)  # also checks the labels are 0/1 with both classes present
+    pos_weight = config.pos_weight if config.pos_weight is not None else balancing
+    switch, trained, mutable, optimizer = prepare_training(config, backbone)
+    sharding.shard_model(switch, mesh)
+    per_epoch = -(-len(x) // config.batch_size)
+    history = []
+    batches = array_batches(x, y, config.batch_size, config.seed, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    switch = loop.train(switch, switch_objective(pos_weight), batches, optimizer=optimizer,
+                        loop=loop.LoopConfig(steps=config.epochs * per_epoch, log_every=per_epoch), mesh=mesh,
+                        name="switch", trained=trained, mutable=mutable, history=history)
+    losses = [averages["loss"] for _, averages in history]
+    if log:
+        for epoch, loss in enumerate(losses):
+            log(f"switch epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}")
+    switch.eval()
+    return switch, {"pos_weight": float(pos_weight), "loss": losses}
 
 
 def train_switch(config: SwitchConfig, waveforms, labels, *, sample_rate: int | None = None,
                  eval_waveforms=None, eval_labels=None, backbone: Cnn14 | None = None,
                  log: Callable[[str], None] | None = None) -> tuple[Switch, dict[str, Any]]:
-    """Train a switch on clips and 0/1 labels; returns (switch in eval mode, report).
+    """Train a switch on in-memory clips and 0/1 labels, on one device; returns (switch in eval
+    mode, report). The study's switch stage runs `fit` on its mesh the same way.
 
     backbone: a (pretrained, e.g. `load_pann`) Cnn14 to start from; default: random init. With
       finetune="full" it is trained in place (pass `nnx.clone(backbone)` to keep the original).
     sample_rate: the clips' rate, when it differs from the backbone's (they are resampled).
-    The report holds pos_weight, the loss per epoch, and `binary_metrics` on the training
+    The report holds pos_weight, the mean loss per epoch, and `binary_metrics` on the training
     clips and, when given, on the evaluation clips, at `config.threshold`.
     """
+    from distill_jax import sharding
+
     x = _as_batch(waveforms, config, sample_rate)
     y = _column("labels", labels, len(x)).astype(np.int32)
-    balancing = imbalance_weight(y)  # also checks the labels are 0/1 with both classes present
-    pos_weight = config.pos_weight if config.pos_weight is not None else balancing
-    switch = Switch(config, rngs=default_rngs(config.seed), backbone=backbone)
-    tx = optax.adam(config.learning_rate)
-
-    if config.finetune == "head":  # frozen backbone: its eval-mode embeddings never change
-        switch.backbone.eval()
-        inputs = embeddings(switch.backbone, x, batch_size=config.batch_size)
-        trained = switch.head
-    else:
-        switch.train()
-        inputs = x
-        trained = switch
-    graphdef, params, rest = nnx.split(trained, nnx.Param, ...)
-    state = (params, rest, tx.init(params))
-    step = make_train_step(graphdef, tx, pos_weight)
-    order = np.random.RandomState(config.seed)
-    history = []
-    for epoch in range(config.epochs):
-        perm = order.permutation(len(x))
-        losses = []
-        for index, _ in _batches(len(x), config.batch_size):
-            state, metrics = step(state, (jnp.asarray(inputs[perm[index]]), jnp.asarray(y[perm[index]])))
-            losses.append(float(metrics["loss"]))
-        history.append(float(np.mean(losses)))
-        if log:
-            log(f"switch epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
-    nnx.update(trained, state[0], state[1])
-    switch.eval()
-
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        switch, report = fit(config, x, y, mesh=mesh, backbone=backbone, log=log)
     predict = make_predict(switch, batch_size=config.batch_size)
-    report = dict(pos_weight=float(pos_weight), loss=history,
-                  train=binary_metrics(y, predict(x), config.threshold))
+    report["train"] = binary_metrics(y, predict(x), config.threshold)
     if eval_waveforms is not None:
         ex = _as_batch(eval_waveforms, config, sample_rate)
         report["eval"] = binary_metrics(_column("eval_labels", eval_labels, len(ex)), predict(ex), config.threshold)
@@ -357,35 +397,39 @@ def train_switch(config: SwitchConfig, waveforms, labels, *, sample_rate: int | 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_switch(switch: Switch, directory: str) -> str:
-    """Write `switch_config.json` and an orbax checkpoint of the parameters and running statistics."""
+def save_switch(switch: Switch, directory) -> str:
+    """Write `switch_config.json` and an orbax checkpoint of the parameters and running statistics
+    (every host calls it; process 0 writes the config; `directory` may be gs://)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "switch_config.json"), "w") as f:
-        json.dump(switch.config.to_dict(), f, indent=1, sort_keys=True)
+    from distill_jax import multihost
+
+    directory = multihost.path(directory)
+    multihost.write_json(directory / "switch_config.json", switch.config.to_dict(), indent=1, sort_keys=True)
     weights = nnx.to_pure_dict(nnx.state(switch, (nnx.Param, nnx.BatchStat)))
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, "state"), weights, force=True)
-    return directory
+        checkpointer.save(directory / "state", weights, force=True)
+    return str(directory)
 
 
-def restore_switch(directory: str) -> Switch:
-    """The switch saved by `save_switch`, in eval mode (dropout streams restart from config.seed)."""
+def restore_switch(directory, mesh=None) -> Switch:
+    """The switch saved by `save_switch`, in eval mode (dropout streams restart from config.seed);
+    replicated over `mesh` when given (every host of a multi-host run calls it)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    config_file = os.path.join(directory, "switch_config.json")
-    if not os.path.exists(config_file):
+    from distill_jax import multihost
+
+    directory = multihost.path(directory)
+    if not (directory / "switch_config.json").exists():
         raise FileNotFoundError(f"{directory}: no switch_config.json (not a save_switch directory)")
-    with open(config_file) as f:
-        config = SwitchConfig.from_dict(json.load(f))
+    config = SwitchConfig.from_dict(multihost.read_json(directory / "switch_config.json"))
     abstract = abstract_model(lambda: Switch(config, rngs=default_rngs(config.seed)))
     graphdef, weights, _ = nnx.split(abstract, (nnx.Param, nnx.BatchStat), ...)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(weights))
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
+                          nnx.to_pure_dict(weights))
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(directory, "state"), target)
+        restored = checkpointer.restore(directory / "state", target)
     nnx.replace_by_pure_dict(weights, restored)
     rngs = jax.jit(lambda: nnx.state(Switch(config, rngs=default_rngs(config.seed)), nnx.RngState))()
     switch = nnx.merge(graphdef, weights, rngs)
@@ -394,5 +438,6 @@ def restore_switch(directory: str) -> Switch:
 
 
 __all__ = ["SwitchConfig", "Switch", "sample_labels", "class_labels", "make_labels", "correct", "imbalance_weight",
-           "bce_loss", "binary_metrics", "make_predict", "embeddings", "make_train_step", "train_switch",
+           "bce_loss", "binary_metrics", "make_predict", "embeddings", "switch_objective", "prepare_training",
+           "array_batches", "fit", "train_switch",
            "save_switch", "restore_switch"]

@@ -1,0 +1,156 @@
+"""One study on N hosts: start-up, who writes, barriers, and paths that may be on cloud storage.
+
+Every host runs the same program on the same workdir (a shared bucket, `gs://...`, on a TPU
+slice). Every host computes; only process 0 writes shared files, atomically (a temporary name
+then a rename, so a reader never sees half a file), and the others wait at a barrier (`sync`)
+before they read what it wrote. Paths go through `etils.epath`, so `gs://` works wherever a
+local directory does.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import uuid
+
+import jax
+import numpy as np
+from etils import epath
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """`jax.distributed.initialize`: with the three values (CPU/GPU clusters, tests), or with
+    none on a multi-host TPU slice, which describes itself; a single host needs neither."""
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("--coordinator_address, --num_processes and --process_id go together "
+                         f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+    if all(given):
+        if num_processes > 1 and (os.environ.get("JAX_PLATFORMS", "") in ("", "cpu")):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif _on_multihost_tpu():
+        jax.distributed.initialize()
+
+
+def _on_multihost_tpu() -> bool:
+    """A TPU VM of a slice with more than one host (its metadata names the workers)."""
+    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hostnames.split(",") if h]) > 1
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Every host waits here until all have arrived (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def path(p) -> epath.Path:
+    """An epath.Path; a local path made absolute (orbax and the workers need absolute paths)."""
+    p = epath.Path(p)
+    return p if "://" in str(p) else epath.Path(os.path.abspath(str(p)))
+
+
+def write_bytes(target, data: bytes) -> None:
+    """Process 0 writes `data` to `target` atomically (temp name + rename); other hosts do nothing."""
+    if not is_main():
+        return
+    target = path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
+def write_text(target, text: str) -> None:
+    write_bytes(target, text.encode())
+
+
+def write_json(target, value, **kw) -> None:
+    write_text(target, json.dumps(value, **kw) + "\n")
+
+
+def read_json(source):
+    return json.loads(path(source).read_text())
+
+
+def write_lines(target, records) -> None:
+    """JSON lines, written atomically by process 0."""
+    write_text(target, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_lines(source) -> list[dict]:
+    return [json.loads(line) for line in path(source).read_text().splitlines() if line.strip()]
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array's whole value on this host. Collective when the
+    array spans hosts: every host must call it, in the same order."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def local(p) -> str:
+    """A local directory holding `p`'s files: `p` itself when local; a remote (gs://) directory is
+    copied once into a local cache (tokenizers and safetensors readers need local files)."""
+    p = path(p)
+    if "://" not in str(p):
+        return str(p)
+    files = sorted((str(f)[len(str(p)):].lstrip("/"), f) for f in p.rglob("*") if f.is_file())
+    listing = [(rel, f.stat().length, f.stat().mtime) for rel, f in files]  # a changed directory is copied anew
+    key = hashlib.sha1(json.dumps([str(p), listing]).encode()).hexdigest()[:16]
+    cache = pathlib.Path(tempfile.gettempdir()) / "distill_jax_remote" / key
+    if not (cache / ".complete").exists():
+        for rel, source in files:
+            target = cache / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+        (cache / ".complete").touch()
+    return str(cache)
+
+
+def local_file(p) -> str:
+    """A local path holding file `p`'s bytes (`p` itself when local; remote files copied once)."""
+    p = path(p)
+    if "://" not in str(p):
+        return str(p)
+    stat = p.stat()
+    key = hashlib.sha1(json.dumps([str(p), stat.length, stat.mtime]).encode()).hexdigest()[:16]
+    cache = pathlib.Path(tempfile.gettempdir()) / "distill_jax_remote" / key
+    target = cache / p.name
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    return str(target)
+
+
+@contextlib.contextmanager
+def staged(target):
+    """A local directory to write `target`'s files into: `target` itself when local; for a
+    remote target, a temporary directory whose files are copied up on success."""
+    target = path(target)
+    if "://" not in str(target):
+        target.mkdir(parents=True, exist_ok=True)
+        yield str(target)
+        return
+    with tempfile.TemporaryDirectory() as local_dir:
+        yield local_dir
+        for source in pathlib.Path(local_dir).rglob("*"):
+            if source.is_file():
+                destination = target / str(source.relative_to(local_dir))
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(source.read_bytes())
