@@ -59,7 +59,7 @@ def sync(name: str) -> None:
 def path(p) -> epath.Path:
     """An epath.Path; a local path made absolute (orbax and the workers need absolute paths)."""
     p = epath.Path(p)
-    return p if "://" in str(p) else epath.Path(os.path.abspath(str(p)))
+    return p if "://" in str(p) else p.resolve()
 
 
 def write_bytes(target, data: bytes) -> None:
@@ -110,7 +110,8 @@ def local(p) -> str:
     p = path(p)
     if "://" not in str(p):
         return str(p)
-    files = sorted((str(f)[len(str(p)):].lstrip("/"), f) for f in p.rglob("*") if f.is_file())
+    files = sorted((str(epath.Path(top) / name)[len(str(p)):].lstrip("/"), epath.Path(top) / name)
+                   for top, _, names in p.walk() for name in names)  # walk: GCS has no recursive glob
     listing = [(rel, f.stat().length, f.stat().mtime) for rel, f in files]  # a changed directory is copied anew
     key = hashlib.sha1(json.dumps([str(p), listing]).encode()).hexdigest()[:16]
     cache = pathlib.Path(tempfile.gettempdir()) / "distill_jax_remote" / key

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+from unittest import mock
 
 import pytest
 from etils.epath import testing as epath_testing
@@ -33,7 +34,12 @@ def test_workdir_code_goes_through_epath():
 
 @pytest.fixture
 def fake_bucket(tmp_path):
-    """gs://bucket/... served from tmp_path/bucket/... for every epath user (ours, orbax, grain)."""
+    """gs://bucket/... served from tmp_path/gcs/bucket/... for every epath user (ours, orbax, grain,
+    JAX's compilation cache), and for orbax's arrays, which TensorStore writes with its own GCS
+    driver (pointed at the same local directory); a flat bucket (orbax asks GCS whether it has a
+    hierarchical namespace through google-cloud-storage, which real gs:// runs need installed)."""
+    from orbax.checkpoint._src.path import gcs_utils
+
     root = tmp_path / "gcs"
 
     def local(path):
@@ -55,7 +61,10 @@ def fake_bucket(tmp_path):
 
     fns = {name: one for name in ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree",
                                    "stat")}
-    with epath_testing.mock_epath(**fns, rename=two, replace=two, copy=two, walk=walk, glob=glob):
+    tensorstore_gcs = lambda path: {"driver": "file", "path": local(path)}
+    with epath_testing.mock_epath(**fns, rename=two, replace=two, copy=two, walk=walk, glob=glob), \
+            mock.patch.object(gcs_utils, "get_kvstore_for_gcs", tensorstore_gcs), \
+            mock.patch.object(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False):
         yield root
 
 

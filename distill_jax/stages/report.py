@@ -126,7 +126,9 @@ def build_seed(study, records: dict) -> dict:
                 g: group_accuracy(clips, study.classes, members) for g, members in groups.items()}
     switch_metrics = study.path("switch", "metrics.json")
     if switch_metrics.exists():
-        result["switch"] = multihost.read_json(switch_metrics)
+        # Its evaluation; the training-loss curve stays in switch/metrics.json (a log, not a result:
+        # it varies in the last digits with the number of hosts, as cross-host sums change order).
+        result["switch"] = {k: v for k, v in multihost.read_json(switch_metrics).items() if k != "loss"}
     gap_split = study.config.switch.split
     if all((m, gap_split) in records for m in MODALITIES):
         result["modality_gap"] = {"split": gap_split, "rows": modality_gap(
