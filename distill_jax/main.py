@@ -6,9 +6,9 @@ seed of `config.seeds` (each seed repeats the whole study in DIR/seed_<s>/), the
 all seeds, into DIR (`--stages=evaluate,report` picks some); each skips what the workdir already
 holds, so a rerun resumes. Config values that cannot work are refused before any stage starts.
 
-Multi-host: every host runs the same command on the same workdir (a shared `gs://` bucket on a
-TPU slice, which `jax.distributed.initialize()` detects itself; on CPU/GPU machines give
-`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`). Every host computes, process 0
+Multi-host: every host runs the same command on the same workdir (a shared `gs://` bucket). On a
+TPU VM `jax.distributed.initialize()` is called and finds the slice's hosts itself; on CPU/GPU
+machines give `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. Every host computes, process 0
 alone writes shared files, and every stage ends at a barrier (distill_jax/multihost.py).
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a 
                     "machines (a multi-host TPU slice needs none of these three flags).")
 flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --coordinator_address).")
+flags.DEFINE_enum("jax_distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize(): auto = with the "
+                  "three flags above, or on a TPU VM (JAX reads the slice's hosts from the TPU metadata).")
 
 
 class ConfigError(ValueError):
@@ -189,7 +191,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.jax_distributed)
     if jax.process_index() > 0:
         logging.set_verbosity(logging.ERROR)
     run(FLAGS.config, FLAGS.workdir, FLAGS.stages)

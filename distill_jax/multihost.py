@@ -9,6 +9,7 @@ local directory does.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -22,26 +23,36 @@ from etils import epath
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """`jax.distributed.initialize`: with the three values (CPU/GPU clusters, tests), or with
-    none on a multi-host TPU slice, which describes itself; a single host needs neither."""
+               process_id: int | None = None, mode: str = "auto") -> None:
+    """`jax.distributed.initialize`, before any other JAX call.
+
+    With the three values (CPU/GPU clusters, tests): that cluster, gloo collectives on CPU. On a
+    TPU VM (mode "auto": its TPU device files exist; "on": always): JAX's own detection, which
+    reads the slice's hosts from the TPU metadata (a single-host VM is a 1-process cluster).
+    mode "off": never.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--jax_distributed={mode!r}; expected auto, on or off")
     given = [v is not None for v in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
         raise ValueError("--coordinator_address, --num_processes and --process_id go together "
                          f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+    if mode == "off":
+        return
     if all(given):
-        if num_processes > 1 and (os.environ.get("JAX_PLATFORMS", "") in ("", "cpu")):
+        if num_processes > 1 and os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
-    elif _on_multihost_tpu():
+    elif mode == "on" or _on_tpu_vm():
         jax.distributed.initialize()
 
 
-def _on_multihost_tpu() -> bool:
-    """A TPU VM of a slice with more than one host (its metadata names the workers)."""
-    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hostnames.split(",") if h]) > 1
+def _on_tpu_vm() -> bool:
+    """TPU chips attached to this machine (their device files), unless JAX is told to use the CPU."""
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        return False
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def is_main() -> bool:
