@@ -69,6 +69,16 @@ def fake_bucket(tmp_path):
 
 
 def test_tiny_study_into_a_gs_workdir(fake_bucket):
+    import jax
+
+    cache = jax.config.jax_compilation_cache_dir
+    try:
+        _tiny_study_into_a_gs_workdir(fake_bucket)
+    finally:  # main.run points JAX's compilation cache into the (now gone) bucket
+        jax.config.update("jax_compilation_cache_dir", cache)
+
+
+def _tiny_study_into_a_gs_workdir(fake_bucket):
     config = toy.get_config("tiny=1")
     config.distill.modes = ("learned",)
     main.run(config, "gs://bucket/run")

@@ -196,8 +196,10 @@ def test_qwen2_audio_transform_plugs_in(paths, tokenizer_dir):
     tok = prompts.load_tokenizer(tokenizer_dir)
     assert len(batches) == 5 and _valid_ids(batches)[:3] == ["clip000", "clip001", "clip002"]
     assert set(batches[0]) == {"input_features", "feature_attention_mask", "input_ids", "attention_mask",
-                               "clip_id", "valid", "label", "answer"}
+                               "clip_id", "index", "valid", "label", "answer"}
     for b in batches:
+        np.testing.assert_array_equal(b["index"][b["valid"] == 1],
+                                      [int(c[4:]) for c, v in zip(b["clip_id"], b["valid"]) if v])
         width = b["input_ids"].shape[1]
         assert width in (200, 400, 800) and b["input_features"].shape == (8, 128, 104)  # 1 s clips' window
         for row, cid in enumerate(b["clip_id"]):
@@ -213,6 +215,26 @@ def test_qwen2_audio_transform_plugs_in(paths, tokenizer_dir):
             assert (b["input_ids"][row, :width - len(ids)] == tok.pad_token_id).all()
             np.testing.assert_array_equal(b["attention_mask"][row], np.arange(width) >= width - len(ids))
             assert b["answer"][row] == question.answer
+
+
+def test_split_padding_gives_every_batch_one_width(paths, tokenizer_dir):
+    """The split's padding: the bucket of the longest prompt the split can give (its longest class
+    names, a full-length clip), so every host pads every step alike."""
+    from data_pipelines.pipeline import ReadExample
+
+    transform = Qwen2AudioTransform(tokenizer_dir, max_seconds=1.0)
+    questions = QuestionMaker(CLASSES)
+    first = ReadExample(tfrecord.TFRecordDataSource(paths), CLASSES, questions)((0, 1))
+    longest = transform.longest_prompt(first, CLASSES, 10)
+    for buckets in ((200, 400, 800), (longest, 800)):
+        padding = transform.split_padding(first, CLASSES, 10, buckets)
+        batches = _batches(paths, _config(shuffle=False, drop_remainder=False, decode_audio=True), transform=transform,
+                           padding=padding)
+        expected = min(b for b in buckets if b >= longest)
+        assert {b["input_ids"].shape[1] for b in batches} == {expected}
+        assert max(int(b["attention_mask"].sum(1).max()) for b in batches) <= longest
+    with pytest.raises(ValueError, match=f"prompts of up to {longest} tokens do not fit the largest bucket"):
+        transform.split_padding(first, CLASSES, 10, (longest - 1,))
 
 
 def test_the_trainer_places_batches_on_the_mesh(paths):
