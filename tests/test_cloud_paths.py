@@ -74,8 +74,11 @@ def test_tiny_study_into_a_gs_workdir(fake_bucket):
     cache = jax.config.jax_compilation_cache_dir
     try:
         _tiny_study_into_a_gs_workdir(fake_bucket)
-    finally:  # main.run points JAX's compilation cache into the (now gone) bucket
+    finally:  # main.run pointed JAX's compilation cache into the (now gone) bucket
+        from jax.experimental.compilation_cache import compilation_cache
+
         jax.config.update("jax_compilation_cache_dir", cache)
+        compilation_cache.reset_cache()
 
 
 def _tiny_study_into_a_gs_workdir(fake_bucket):
