@@ -67,21 +67,29 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def is_remote(p) -> bool:
+    return "://" in str(p)
+
+
 def path(p) -> epath.Path:
     """An epath.Path; a local path made absolute (orbax and the workers need absolute paths)."""
     p = epath.Path(p)
-    return p if "://" in str(p) else p.resolve()
+    return p if is_remote(p) else p.resolve()
 
 
-def write_bytes(target, data: bytes) -> None:
-    """Process 0 writes `data` to `target` atomically (temp name + rename); other hosts do nothing."""
-    if not is_main():
-        return
+def write_own(target, data: bytes) -> None:
+    """This host writes `data` to `target` atomically (temp name + rename): for files of its own."""
     target = path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_bytes(data)
     tmp.replace(target)
+
+
+def write_bytes(target, data: bytes) -> None:
+    """Process 0 writes `data` to shared file `target` atomically; other hosts do nothing."""
+    if is_main():
+        write_own(target, data)
 
 
 def write_text(target, text: str) -> None:
@@ -96,9 +104,18 @@ def read_json(source):
     return json.loads(path(source).read_text())
 
 
+def _lines(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
 def write_lines(target, records) -> None:
     """JSON lines, written atomically by process 0."""
-    write_text(target, "".join(json.dumps(r) + "\n" for r in records))
+    write_bytes(target, _lines(records))
+
+
+def write_own_lines(target, records) -> None:
+    """JSON lines of this host's own file (e.g. its part of a scored split), written atomically."""
+    write_own(target, _lines(records))
 
 
 def read_lines(source) -> list[dict]:
@@ -115,17 +132,22 @@ def to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _cache_dir(*identity) -> pathlib.Path:
+    """The local copy's directory of a remote file or directory, named by what identifies its content."""
+    key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:16]
+    return pathlib.Path(tempfile.gettempdir()) / "distill_jax_remote" / key
+
+
 def local(p) -> str:
     """A local directory holding `p`'s files: `p` itself when local; a remote (gs://) directory is
     copied once into a local cache (tokenizers and safetensors readers need local files)."""
     p = path(p)
-    if "://" not in str(p):
+    if not is_remote(p):
         return str(p)
     files = sorted((str(epath.Path(top) / name)[len(str(p)):].lstrip("/"), epath.Path(top) / name)
                    for top, _, names in p.walk() for name in names)  # walk: GCS has no recursive glob
-    listing = [(rel, f.stat().length, f.stat().mtime) for rel, f in files]  # a changed directory is copied anew
-    key = hashlib.sha1(json.dumps([str(p), listing]).encode()).hexdigest()[:16]
-    cache = pathlib.Path(tempfile.gettempdir()) / "distill_jax_remote" / key
+    stats = [f.stat() for _, f in files]
+    cache = _cache_dir(str(p), [(rel, st.length, st.mtime) for (rel, _), st in zip(files, stats)])  # changed: anew
     if not (cache / ".complete").exists():
         for rel, source in files:
             target = cache / rel
@@ -138,14 +160,12 @@ def local(p) -> str:
 def local_file(p) -> str:
     """A local path holding file `p`'s bytes (`p` itself when local; remote files copied once)."""
     p = path(p)
-    if "://" not in str(p):
+    if not is_remote(p):
         return str(p)
     stat = p.stat()
-    key = hashlib.sha1(json.dumps([str(p), stat.length, stat.mtime]).encode()).hexdigest()[:16]
-    cache = pathlib.Path(tempfile.gettempdir()) / "distill_jax_remote" / key
-    target = cache / p.name
+    target = _cache_dir(str(p), stat.length, stat.mtime) / p.name
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(p.read_bytes())
     return str(target)
 
@@ -155,7 +175,7 @@ def staged(target):
     """A local directory to write `target`'s files into: `target` itself when local; for a
     remote target, a temporary directory whose files are copied up on success."""
     target = path(target)
-    if "://" not in str(target):
+    if not is_remote(target):
         target.mkdir(parents=True, exist_ok=True)
         yield str(target)
         return

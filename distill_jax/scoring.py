@@ -10,7 +10,7 @@ rerun skips the chunks whose parts every host has written.
 """
 from __future__ import annotations
 
-import json
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -22,13 +22,6 @@ from flax import nnx
 
 from distill_jax import multihost
 from distill_jax.train.loop import batch_sharding, local_rows, place
-
-
-def _write_own(target, records) -> None:
-    """This host's part file, written atomically (every host writes its own)."""
-    tmp = target.parent / f".{target.name}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(target)
 
 
 def score_split(dataset, compute: Callable, record: Callable[[dict, int, np.ndarray], dict], out, *, mesh,
@@ -61,10 +54,10 @@ def score_split(dataset, compute: Callable, record: Callable[[dict, int, np.ndar
         for row in np.flatnonzero(np.asarray(batch["valid"])):
             pending.append({**record(batch, row, values[row]), "index": int(batch["index"][row])})
         if (i + 1) % chunk_batches == 0:
-            _write_own(part(i // chunk_batches, me), pending)
+            multihost.write_own_lines(part(i // chunk_batches, me), pending)
             pending = []
     if i >= 0 and not finished(i // chunk_batches) and (i + 1) % chunk_batches:
-        _write_own(part(i // chunk_batches, me), pending)  # the last, partial chunk
+        multihost.write_own_lines(part(i // chunk_batches, me), pending)  # the last, partial chunk
     multihost.sync(f"scored {out}")
     if multihost.is_main():
         rows = [r for p in sorted(parts.iterdir()) if p.name.endswith(".jsonl") for r in multihost.read_lines(p)]
@@ -85,18 +78,25 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
-def letter_scorer(model: nnx.Module, letter_token_ids, model_inputs: Callable[[dict, tuple], dict], mesh):
-    """compute(placed batch, static) -> letter logits [B, C] at the answer (last) position."""
-    graphdef, state = nnx.split(model)
-    letters = jnp.asarray(letter_token_ids, jnp.int32)
+@functools.lru_cache(maxsize=16)
+def _letter_program(graphdef, letters: tuple[int, ...], model_inputs: Callable, mesh):
+    """One jitted program per model structure: scoring split after split compiles once."""
+    letter_ids = jnp.asarray(letters, jnp.int32)
 
     @partial(jax.jit, static_argnums=(2,), out_shardings=batch_sharding(mesh))
     def letter_logits(state, batch, static):
         model = nnx.merge(graphdef, state)
         hidden = model.hidden_states(**model_inputs(batch, static))[:, -1]
-        return model.logits(hidden, letters).astype(jnp.float32)
+        return model.logits(hidden, letter_ids).astype(jnp.float32)
 
-    return lambda batch, static: letter_logits(state, batch, static)
+    return letter_logits
+
+
+def letter_scorer(model: nnx.Module, letter_token_ids, model_inputs: Callable[[dict, tuple], dict], mesh):
+    """compute(placed batch, static) -> letter logits [B, C] at the answer (last) position."""
+    graphdef, state = nnx.split(model)
+    program = _letter_program(graphdef, tuple(int(t) for t in letter_token_ids), model_inputs, mesh)
+    return lambda batch, static: program(state, batch, static)
 
 
 def letter_record(batch: dict, row: int, logits: np.ndarray) -> dict:

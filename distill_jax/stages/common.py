@@ -48,6 +48,7 @@ class Study:
     mesh: object
     _manifest: dict | None = None
     _transforms: dict = dataclasses.field(default_factory=dict)
+    _paddings: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.workdir = multihost.path(self.workdir)
@@ -133,18 +134,26 @@ class Study:
 
     def padding(self, modality: str, split: str, tokenizer_dir=None) -> dict | None:
         """The split's padding: one prompt length for all its batches on every host (the bucket of
-        the longest prompt the split can give, from its first clip: frame size, clip length)."""
+        the longest prompt the split can give, from its first readable clip: frame size, clip
+        length). Found once per split and model, from the split's first file that has a clip."""
         if modality == "waveform":
             return None
-        config = self._pipeline_config(modality, batch_size=1, train=False, num_epochs=1, seed=0)
-        source = tfrecord.TFRecordDataSource(self.split_paths(split), on_error=config.on_error)
-        read = pipeline_lib.ReadExample(source, self.classes, self.question_maker(),
-                                        decode_audio=config.decode_audio, decode_frames=config.decode_frames)
-        first = next((e for e in (read((i, 1)) for i in range(len(source))) if e is not None), None)
-        if first is None:
-            raise ValueError(f"split {split!r}: no readable record in {self.split_paths(split)[:3]}")
-        return self.transform(modality, tokenizer_dir).split_padding(
-            first, self.classes, self.num_options(), self.config.data.prompt_buckets)
+        key = (modality, split, str(tokenizer_dir))
+        if key not in self._paddings:
+            config = self._pipeline_config(modality, batch_size=1, train=False, num_epochs=1, seed=0)
+            first = None
+            for path in self.split_paths(split):
+                source = tfrecord.TFRecordDataSource([path], on_error=config.on_error)
+                read = pipeline_lib.ReadExample(source, self.classes, self.question_maker(),
+                                                decode_audio=config.decode_audio, decode_frames=config.decode_frames)
+                first = next((e for e in (read((i, 1)) for i in range(len(source))) if e is not None), None)
+                if first is not None:
+                    break
+            if first is None:
+                raise ValueError(f"split {split!r}: no readable record in {self.split_paths(split)[:3]}")
+            self._paddings[key] = self.transform(modality, tokenizer_dir).split_padding(
+                first, self.classes, self.num_options(), self.config.data.prompt_buckets)
+        return self._paddings[key]
 
     def dataset(self, modality: str, split: str, *, batch_size: int, train: bool = False,
                 num_epochs: int | None = 1, seed: int = 0, tokenizer_dir=None,

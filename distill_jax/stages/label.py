@@ -63,21 +63,15 @@ class JoinTargets:
 
 def switch_probabilities(study, split: str, out_path) -> dict[str, float]:
     """The trained switch's probability per clip of `split` (records written once, JSON lines)."""
-    from distill_jax import scoring
+    from distill_jax.stages.switch import probabilities
     from distill_jax.train.switch import probability_scorer, restore_switch
 
     constant = multihost.read_json(study.path("switch", "metrics.json")).get("constant")
-    batch_size = study.config.label.batch_size
     if constant is not None:  # the switch stage found one-sided labels: a constant switch
         compute = lambda batch, static: jax.numpy.full(batch["waveform"].shape[:1], float(constant))
     else:
         compute = probability_scorer(restore_switch(study.path("switch", "model"), study.mesh), study.mesh)
-    records = scoring.score_split(
-        study.dataset("waveform", split, batch_size=batch_size), compute,
-        lambda batch, row, prob: {"clip_id": str(batch["clip_id"][row]), "prob": float(prob)}, out_path,
-        mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split), batch_size),
-        desc=f"switch on {split}")
-    return {r["clip_id"]: r["prob"] for r in records}
+    return probabilities(study, compute, split, out_path, batch_size=study.config.label.batch_size)
 
 
 def labels_path(study, mode: str):

@@ -71,14 +71,14 @@ def labels_for(study, config, split: str) -> tuple[list[str], np.ndarray]:
     return ids, switch_lib.make_labels(config, **table)
 
 
-def probabilities(study, switch, split: str) -> dict[str, float]:
-    """The trained switch's probability per clip of `split` (switch/probs-<split>.jsonl)."""
-    batch_size = study.config.switch.batch_size
+def probabilities(study, compute, split: str, out_path, *, batch_size: int) -> dict[str, float]:
+    """Switch probability per clip of `split` from `compute` (`probability_scorer`, or a constant
+    switch), scored on every host and written once to `out_path` (JSON lines)."""
     records = scoring.score_split(
-        study.dataset("waveform", split, batch_size=batch_size), switch_lib.probability_scorer(switch, study.mesh),
-        lambda batch, row, prob: {"clip_id": str(batch["clip_id"][row]), "prob": float(prob)},
-        study.path("switch", f"probs-{split}.jsonl"), mesh=study.mesh,
-        num_batches=scoring.num_batches(study.num_examples(split), batch_size), desc=f"switch on {split}")
+        study.dataset("waveform", split, batch_size=batch_size), compute,
+        lambda batch, row, prob: {"clip_id": str(batch["clip_id"][row]), "prob": float(prob)}, out_path,
+        mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split), batch_size),
+        desc=f"switch on {split}")
     return {r["clip_id"]: r["prob"] for r in records}
 
 
@@ -109,9 +109,10 @@ def run(study) -> None:
     switch, report = switch_lib.fit(config, waves, np.asarray([by_clip[c] for c in clip_ids]), mesh=study.mesh,
                                     backbone=backbone, sample_rate=16000, log=lambda line: print(line, flush=True))
     switch_lib.save_switch(switch, out / "model")
+    compute = switch_lib.probability_scorer(switch, study.mesh)
     for name, split, ids, labels in (("train", cfg.split, train_ids, train_labels),
                                      ("eval", cfg.eval_split, eval_ids, eval_labels)):
-        probs = probabilities(study, switch, split)
+        probs = probabilities(study, compute, split, out / f"probs-{split}.jsonl", batch_size=cfg.batch_size)
         report[name] = switch_lib.binary_metrics(labels, np.asarray([probs[c] for c in ids]), config.threshold)
     report.update(train_split=cfg.split, eval_split=cfg.eval_split, label_mode=cfg.label_mode,
                   majority_eval_accuracy=float(max(np.mean(eval_labels), 1 - np.mean(eval_labels))))

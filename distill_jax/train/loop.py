@@ -168,7 +168,8 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def device_fields(batch: dict) -> dict:
     """The numeric fields of a host batch (strings such as clip ids stay on the host)."""
-    return {k: np.asarray(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    return {k: v for k, v in arrays.items() if v.dtype.kind in "biuf"}
 
 
 def place(batch: dict, mesh) -> dict:
@@ -244,7 +245,7 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
     step_fn = make_step(graphdef, tx, loss_fn, mutable=mutable, shardings=shardings)
     checkpointer = writer = order_log = None
     if workdir is not None:
-        workdir = epath.Path(workdir)
+        workdir = multihost.path(workdir)
         if loop.checkpoint_every:
             checkpointer = TrainCheckpointer(workdir / "checkpoints", every=loop.checkpoint_every, keep=loop.keep)
             restored = checkpointer.restore_latest(state, batches)
@@ -283,13 +284,14 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
             if order_log is not None:
                 order_log.write(json.dumps({"step": step, "clip_ids": [str(c) for c in batch["clip_id"]]}) + "\n")
                 order_log.flush()  # survives a kill
+            due_log = step % loop.log_every == 0 or step == loop.steps
             due_save = checkpointer is not None and (step % loop.checkpoint_every == 0 or step == loop.steps)
-            if step % loop.log_every == 0 or step == loop.steps or due_save:
+            if due_log or due_save:
                 fetch()  # a checkpoint holds only steps known to be finite
             if due_save:
                 checkpointer.save(state, batches, force=step == loop.steps)
                 last_good = step
-            if window and (step % loop.log_every == 0 or step == loop.steps):
+            if window and due_log:
                 averages = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0] if k != "finite"}
                 window.clear()
                 if history is not None:

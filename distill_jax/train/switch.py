@@ -14,6 +14,7 @@ weighted for class imbalance (= torch BCEWithLogitsLoss(pos_weight=n_neg / n_pos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from functools import partial
@@ -267,19 +268,26 @@ def make_predict(switch: Switch, *, batch_size: int = 32, sample_rate: int | Non
     return predict
 
 
-def probability_scorer(switch: Switch, mesh):
-    """`compute(placed batch, static) -> prob [B]` of the switch in eval mode on `batch["waveform"]`
-    (16 kHz, the backbone's rate), for `scoring.score_split` on every host."""
-    from distill_jax import sharding
+@functools.lru_cache(maxsize=8)
+def _probability_program(graphdef: nnx.GraphDef, mesh):
+    """One jitted program per switch structure and mesh: scoring split after split compiles once."""
     from distill_jax.train.loop import batch_sharding
-
-    graphdef, state = nnx.split(sharding.shard_model(_eval_copy(switch), mesh))
 
     @partial(jax.jit, out_shardings=batch_sharding(mesh))
     def probabilities(state, batch):
         return jax.nn.sigmoid(nnx.merge(graphdef, state)(batch["waveform"]))
 
-    return lambda batch, static: probabilities(state, batch)
+    return probabilities
+
+
+def probability_scorer(switch: Switch, mesh):
+    """`compute(placed batch, static) -> prob [B]` of the switch in eval mode on `batch["waveform"]`
+    (16 kHz, the backbone's rate), for `scoring.score_split` on every host."""
+    from distill_jax import sharding
+
+    graphdef, state = nnx.split(sharding.shard_model(_eval_copy(switch), mesh))
+    program = _probability_program(graphdef, mesh)
+    return lambda batch, static: program(state, batch)
 
 
 def embeddings(backbone: Cnn14, waveforms: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
