@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from distill_jax import sharding
@@ -83,15 +84,28 @@ def test_sharded_train_step_equals_single_device():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    graphdef, state, frozen, tx = _setup(accumulate=2)
+    """Three optimizer updates from 3 x 2 half batches equal three from the 3 whole batches, and the
+    weights moved. Plain SGD at a constant rate: warmup from 0 would make the first update zero,
+    and Adam's m / sqrt(v) magnifies the reduction-order noise of averaging two halves."""
+    assert isinstance(make_optimizer(OptimizerConfig(accumulate_steps=2)), optax.MultiSteps)
+    constant = lambda k: optax.MultiSteps(optax.sgd(2.0), every_k_schedule=k) if k > 1 else optax.sgd(2.0)
+    graphdef, state, frozen, tx = _setup(tx=constant(2))
+    initial = jax.tree.map(np.asarray, state["params"])
     step = make_step(graphdef, tx, distill_objective(LETTERS))
-    big = _batch(seed=2, size=8)
-    for half in (jax.tree.map(lambda x: x[:4], big), jax.tree.map(lambda x: x[4:], big)):
-        state, _ = step(state, frozen, half)
-    graphdef1, state1, frozen1, tx1 = _setup(accumulate=1)
-    state1, _ = make_step(graphdef1, tx1, distill_objective(LETTERS))(state1, frozen1, big)
-    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state1["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    bigs = [_batch(seed=2, size=8), _batch(seed=5, size=8), _batch(seed=6, size=8)]
+    for big in bigs:
+        for half in (jax.tree.map(lambda x: x[:4], big), jax.tree.map(lambda x: x[4:], big)):
+            state, _ = step(state, frozen, half)
+    graphdef1, state1, frozen1, tx1 = _setup(tx=constant(1))
+    step1 = make_step(graphdef1, tx1, distill_objective(LETTERS))
+    for big in bigs:
+        state1, _ = step1(state1, frozen1, big)
+    moved = [float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(state1["params"]),
+                                                                       jax.tree.leaves(initial))]
+    assert min(moved) > 1e-5 and max(moved) > 1e-2, moved  # every LoRA factor moved (B first, then A)
+    for a, b, start in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state1["params"]),
+                           jax.tree.leaves(initial)):  # the updates agree to float32 rounding of the weights
+        np.testing.assert_allclose(np.asarray(a) - start, np.asarray(b) - start, rtol=1e-4, atol=1e-7)
 
 
 def test_a_non_finite_step_is_not_applied():
@@ -107,5 +121,66 @@ def test_a_non_finite_step_is_not_applied():
     bad["switch_closed"][2] = True
     state, metrics = step(state, frozen, bad)
     assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+    assert int(metrics["nonfinite_run"]) == 1 and int(metrics["nonfinite_skips"]) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state["params"], state["opt"]))):
         np.testing.assert_array_equal(a, np.asarray(b))
+    state, metrics = step(state, frozen, _batch(seed=4))
+    assert bool(metrics["finite"]) and int(metrics["nonfinite_run"]) == 0 and int(metrics["nonfinite_skips"]) == 1
+
+
+def _nan_batch(seed):
+    bad = _batch(seed=seed)
+    bad["teacher_logits"][:] = np.nan
+    bad["switch_closed"][:] = True
+    return bad
+
+
+def _train(batches, steps, workdir=None, max_nonfinite=3):
+    """The trainer (loop.train) on a fresh tiny LoRA model over a Grain iterator of `batches`;
+    returns the trained LoRA weights."""
+    import grain
+
+    from distill_jax.train import loop
+
+    mesh = _mesh()
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    sharding.shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        model = loop.train(model, distill_objective(LETTERS, mode="logits"),
+                           iter(grain.MapDataset.source(batches).to_iter_dataset()),
+                           optimizer=OptimizerConfig(learning_rate=5e-3, schedule="constant"),
+                           loop=loop.LoopConfig(steps=steps, log_every=1, checkpoint_every=2,
+                                                max_nonfinite_steps=max_nonfinite),
+                           mesh=mesh, name="t", workdir=workdir)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]
+
+
+def test_a_nan_batch_is_skipped_and_a_resume_equals_an_uninterrupted_run(tmp_path, capsys):
+    """The trainer skips a NaN batch (weights after it == weights before it), saves only finite
+    checkpoints, and a run resumed from the checkpoint just after the NaN step ends equal to
+    an uninterrupted one; 3 NaN steps in a row stop the run naming the step and the checkpoint."""
+    from distill_jax.train.loop import NonFiniteError
+
+    batches = [_batch(seed=10 + i) for i in range(6)]
+    batches[3] = _nan_batch(3)  # step 4
+    before, after = _train(batches, 3), _train(batches, 4)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert "not finite at step 4; the update was skipped (1 in a row)" in capsys.readouterr().out
+    straight = _train(batches, 6)
+    _train(batches, 4, workdir=tmp_path / "resumed")  # checkpoints at steps 2 and 4 (just after the NaN)
+    import orbax.checkpoint as ocp
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "resumed" / "checkpoints" / "4" / "train")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved["params"])) and int(saved["nonfinite_total"]) == 1
+    resumed = _train(batches, 6, workdir=tmp_path / "resumed")
+    assert "t: resumed from step 4" in capsys.readouterr().out
+    assert all(np.all(np.isfinite(x)) for x in resumed)
+    for a, b in zip(straight, resumed):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(straight, after)) > 1e-3  # steps 5, 6 moved it
+
+    stuck = batches[:2] + [_nan_batch(20 + i) for i in range(4)]
+    with pytest.raises(NonFiniteError, match=r"t: 3 consecutive non-finite steps up to step 5 .* The last "
+                                             r"checkpoint is step 4 in .*stuck"):
+        _train(stuck, 6, workdir=tmp_path / "stuck")

@@ -66,7 +66,8 @@ def train(study, mode: str, out):
         optimizer=loop.OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, updates - 1),
                                        total_steps=updates, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
                                        accumulate_steps=cfg.accumulate_steps),
-        loop=loop.LoopConfig(steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every),
+        loop=loop.LoopConfig(steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                             max_nonfinite_steps=cfg.max_nonfinite_steps),
         mesh=study.mesh, name=f"distill {mode}", workdir=out, trained=nnx.LoRAParam,
         static_inputs=transform.static_inputs, summary=lambda m: f"teacher-used {m['closed_fraction']:.2f}",
         log_clip_ids=True)

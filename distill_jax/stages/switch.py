@@ -31,7 +31,8 @@ def switch_config(study) -> tuple[switch_lib.SwitchConfig, object]:
     config = switch_lib.SwitchConfig(
         backbone=backbone_config, finetune=cfg.finetune, label_mode=cfg.label_mode, sample_rule=cfg.sample_rule,
         class_margin=cfg.class_margin, threshold=cfg.threshold, learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size, epochs=cfg.epochs, seed=study.config.seed)
+        batch_size=cfg.batch_size, epochs=cfg.epochs, seed=study.config.seed,
+        max_nonfinite_steps=cfg.max_nonfinite_steps)
     return config, backbone
 
 

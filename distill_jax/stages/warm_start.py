@@ -111,7 +111,8 @@ def train_modality(study, modality: str):
         model, distill_objective(letters, mode="labels", model_inputs=transform.model_inputs), iter(dataset),
         optimizer=loop.OptimizerConfig(learning_rate=run.learning_rate, warmup_steps=run.warmup_steps,
                                        total_steps=run.steps, weight_decay=cfg.weight_decay, clip_norm=1.0),
-        loop=loop.LoopConfig(steps=run.steps, log_every=cfg.log_every), mesh=study.mesh,
+        loop=loop.LoopConfig(steps=run.steps, log_every=cfg.log_every, max_nonfinite_steps=cfg.max_nonfinite_steps),
+        mesh=study.mesh,
         name=f"warm start {modality}", trained=nnx.Param, static_inputs=transform.static_inputs)
     save_hf(model, out, tokenizer_dir=tokenizer_dir)
     return out

@@ -13,7 +13,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-TRAINED_KEYS = ("step", "params", "opt", "mutable")
+TRAINED_KEYS = ("step", "params", "opt", "mutable", "nonfinite_run", "nonfinite_total")
 
 
 def trained_part(state: dict) -> dict:

@@ -14,8 +14,10 @@ every host). The trainer owns the rest:
 - placement: each host's batch becomes one global array per field
   (`jax.make_array_from_process_local_data`), so N hosts run what one host would;
 - the non-finite guard, inside the step: an update whose loss, gradients or new parameters
-  are not finite is not applied, and the run stops at the next metrics fetch naming the step
-  (the last checkpoint is a good one);
+  are not finite is skipped (weights, optimizer and mutable state unchanged; the batch counts as
+  consumed) and counted in the metrics (`nonfinite_skips`); after `max_nonfinite_steps`
+  consecutive skips the run stops naming the step and the last checkpoint, which, like every
+  checkpoint, holds only finite weights;
 - orbax checkpoints of the state and of every host's iterator position, every N steps: a
   restarted run resumes with exactly the batches and weights of an uninterrupted one;
 - metrics: fetched from the device only at log steps (the host prepares the next batches while
@@ -43,7 +45,8 @@ SCHEDULES = ("warmup_cosine", "constant")
 
 
 class NonFiniteError(FloatingPointError):
-    """A step's loss, gradients or updated weights were not finite; it was not applied."""
+    """`max_nonfinite_steps` consecutive steps had a non-finite loss, gradient or updated weight
+    (none of them was applied)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +117,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh, *, tra
                          "apply_lora before training)")
     params, changing, frozen = _on_mesh((params, changing, frozen), mesh)
     opt = jax.jit(tx.init)(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "mutable": changing}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "mutable": changing,
+             "nonfinite_run": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}
     return graphdef, _on_mesh(state, mesh), frozen
 
 
@@ -132,7 +136,10 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, *, 
     """The pure step `step(state, frozen, batch, static=()) -> (state, metrics)`, jitted with the
     state donated; `shardings` = (state shardings, frozen shardings, batch sharding) fixes its
     in/out shardings (None: as the arguments come). `static` (hashable, e.g. Qwen2-VL's video
-    grid) is a compile-time argument. Metrics: loss, grad_norm, finite, and loss_fn's own."""
+    grid) is a compile-time argument. A step whose loss, gradients or updated parameters are not
+    finite leaves params, opt and mutable as they were; `nonfinite_run` counts consecutive such
+    steps, `nonfinite_total` all of them. Metrics: loss, grad_norm, finite, nonfinite_run,
+    nonfinite_skips (the total), and loss_fn's own."""
 
     def step(state, frozen, batch, static=()):
         def objective(params):
@@ -145,9 +152,14 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, *, 
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = (~finite).astype(jnp.int32)
         new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                     "opt": keep(opt, state["opt"]), "mutable": keep(changed, state["mutable"])}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite, **metrics}
+                     "opt": keep(opt, state["opt"]), "mutable": keep(changed, state["mutable"]),
+                     "nonfinite_run": (state["nonfinite_run"] + 1) * skipped,
+                     "nonfinite_total": state["nonfinite_total"] + skipped}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite,
+                           "nonfinite_run": new_state["nonfinite_run"],
+                           "nonfinite_skips": new_state["nonfinite_total"], **metrics}
 
     if shardings is None:
         return jax.jit(step, donate_argnums=0, static_argnums=3)
@@ -209,17 +221,35 @@ class LoopConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # 0: no checkpoints
     keep: int = 2
+    max_nonfinite_steps: int = 3  # consecutive skipped (non-finite) steps before the run stops
 
     def __post_init__(self):
-        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 0:
-            raise ValueError(f"need steps >= 1, log_every >= 1, checkpoint_every >= 0; got {self}")
+        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 0 or self.max_nonfinite_steps < 1:
+            raise ValueError(f"need steps >= 1, log_every >= 1, checkpoint_every >= 0, max_nonfinite_steps >= 1; "
+                             f"got {self}")
 
 
 def _truncate_log(path: epath.Path, step: int) -> None:
-    """Drop the JSON lines of steps after `step` (a killed run's steps that the resumed run repeats)."""
+    """Drop the JSON lines of steps after `step` (a killed run's steps that the resumed run
+    repeats), and a partial last line (a kill mid-write), with a warning naming the file."""
     if not path.exists():
         return
-    kept = [line + "\n" for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    text = path.read_text()
+    lines = text.split("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):  # the last line, never finished
+                print(f"warning: {path}: dropped a partial last line (a run killed while writing it): "
+                      f"{line[:60]!r}", flush=True)
+                continue
+            raise ValueError(f"{path}: line {number} is not JSON: {line[:80]!r}") from None
+        if row["step"] <= step:
+            kept.append(line + "\n")
     multihost.write_text(path, "".join(kept))
 
 
@@ -264,14 +294,18 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
     clock = time.perf_counter()
 
     def fetch():
-        """The pending steps' metrics from the device; stops at a non-finite step."""
-        nonlocal last_good
+        """The pending steps' metrics from the device; warns of skipped (non-finite) steps and
+        stops after `max_nonfinite_steps` in a row."""
         values = jax.device_get([m for _, m in pending])
         for (at, _), m in zip(pending, values):
             if not bool(m["finite"]):
-                raise NonFiniteError(
-                    f"{name}: loss {float(m['loss'])} at step {at}; stopped without saving it. The last good "
-                    f"checkpoint is step {last_good} in {checkpointer.directory if checkpointer else None}")
+                print(f"warning: {name}: loss {float(m['loss'])} or its gradients are not finite at step {at}; "
+                      f"the update was skipped ({int(m['nonfinite_run'])} in a row)", flush=True)
+                if int(m["nonfinite_run"]) >= loop.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{name}: {int(m['nonfinite_run'])} consecutive non-finite steps up to step {at} (loss "
+                        f"{float(m['loss'])}), none applied; stopped. The last checkpoint is step {last_good} in "
+                        f"{checkpointer.directory if checkpointer else None}")
             window.append(m)
         pending.clear()
 
@@ -292,7 +326,10 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
                 checkpointer.save(state, batches, force=step == loop.steps)
                 last_good = step
             if window and due_log:
-                averages = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0] if k != "finite"}
+                finite = [m for m in window if bool(m["finite"])] or window  # skipped steps' NaNs kept out
+                averages = {k: float(np.mean([float(m[k]) for m in finite])) for k in window[0]
+                            if k not in ("finite", "nonfinite_run", "nonfinite_skips")}
+                averages["nonfinite_skips"] = float(window[-1]["nonfinite_skips"])
                 window.clear()
                 if history is not None:
                     history.append((step, averages))

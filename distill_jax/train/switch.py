@@ -51,6 +51,7 @@ class SwitchConfig:
     epochs: int = 10
     pos_weight: float | None = None  # None: n_negative / n_positive of the training labels
     seed: int = 0
+    max_nonfinite_steps: int = 3  # consecutive non-finite (skipped) steps before training stops
 
     def __post_init__(self):
         checks = (("finetune", FINETUNE_MODES), ("label_mode", LABEL_MODES), ("sample_rule", SAMPLE_RULES))
@@ -366,7 +367,8 @@ def fit(config: SwitchConfig, x, y, *, mesh, backbone: Cnn14 | None = None, samp
     batches = array_batches(x, y, config.batch_size, config.seed, process_index=jax.process_index(),
                             process_count=jax.process_count())
     switch = loop.train(switch, switch_objective(pos_weight), batches, optimizer=optimizer,
-                        loop=loop.LoopConfig(steps=config.epochs * per_epoch, log_every=per_epoch), mesh=mesh,
+                        loop=loop.LoopConfig(steps=config.epochs * per_epoch, log_every=per_epoch,
+                                             max_nonfinite_steps=config.max_nonfinite_steps), mesh=mesh,
                         name="switch", trained=trained, mutable=mutable, history=history)
     losses = [averages["loss"] for _, averages in history]
     if log:
