@@ -14,6 +14,7 @@ alone writes shared files, and every stage ends at a barrier (distill_jax/multih
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -42,52 +43,197 @@ class ConfigError(ValueError):
     """A config value that cannot work, named."""
 
 
+def _get(config, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _number(config, key, *, kind=float, low=None, high=None, low_open=False, high_open=False,
+            none_ok=False) -> str | None:
+    """An error naming `key` and its allowed range, or None when its value is allowed."""
+    value = _get(config, key)
+    if value is None and none_ok:
+        return None
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    span = f" in {lo or '(-inf'}, {hi or 'inf)'}" if lo or hi else ""
+    wanted = ("an integer" if kind is int else "a number") + span
+    wanted += " or None" if none_ok else ""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)
+    if not bad:
+        bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+               or (high is not None and (value >= high if high_open else value > high)))
+    return f"config.{key}={value!r}: expected {wanted}" if bad else None
+
+
+def _choice(config, key, allowed, *, none_ok=False) -> str | None:
+    value = _get(config, key)
+    if (value is None and none_ok) or value in allowed:
+        return None
+    return f"config.{key}={value!r}: expected one of {tuple(allowed)}{' or None' if none_ok else ''}"
+
+
+def _known_splits(config) -> tuple[str, ...] | None:
+    """The split names a run can read: the toy world's, or the manifest's (None: not known yet)."""
+    if config.toy:
+        from data_pipelines import toy_world
+
+        return (*toy_world.SEEN_SPLITS, toy_world.UNSEEN_SPLIT)
+    if config.data.manifest and multihost.path(config.data.manifest).exists():
+        return tuple(multihost.read_json(config.data.manifest)["splits"])
+    return None
+
+
 def check_config(config, stages) -> None:
-    """Refuse, before any work, values that cannot work."""
+    """Refuse, before any work, values that cannot work: every numeric and enumerated field is
+    checked, and every error names its key and what is allowed (all errors at once)."""
     unknown = [s for s in stages if s not in common.STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(common.STAGES)}")
-    seeds = tuple(config.seeds)
-    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds):
-        raise ConfigError(f"config.seeds={seeds}: expected distinct integers in [0, 2**31), at least one")
-    if config.direction not in common.ROLES:
-        raise ConfigError(f"config.direction={config.direction!r}; expected one of {sorted(common.ROLES)}")
+    from data_pipelines.questions import STRATEGIES
+    from distill_jax.layers.attention import IMPLEMENTATIONS
+    from distill_jax.models.qwen2 import REMAT_POLICIES
     from distill_jax.stages.label import SWITCH_MODES
+    from distill_jax.train import switch as switch_lib
     from distill_jax.train.losses import MODES
 
-    bad = [m for m in config.distill.modes if m not in SWITCH_MODES]
-    if bad or not config.distill.modes:
-        raise ConfigError(f"config.distill.modes={tuple(config.distill.modes)}: each must be one of {SWITCH_MODES}")
-    if "oracle" in config.distill.modes and not config.toy:
-        raise ConfigError("config.distill.modes has 'oracle', which needs ground truth: toy world only")
-    if config.distill.loss not in MODES:
-        raise ConfigError(f"config.distill.loss={config.distill.loss!r}; expected one of {MODES}")
-    if config.distill.lora.dropout:
-        raise ConfigError(f"config.distill.lora.dropout={config.distill.lora.dropout}: LoRA dropout is not supported by "
-                          "the train step (its RNG stream is not checkpointed, so a resumed run would differ); use 0")
-    if config.data.question_strategy != "fixed" and not 2 <= config.data.num_options <= 26:
-        raise ConfigError(f"config.data.num_options={config.data.num_options}; expected 2..26")
+    errors = []
+    seeds = tuple(config.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds):
+        errors.append(f"config.seeds={seeds}: expected distinct integers in [0, 2**31), at least one")
+    errors += [_choice(config, "direction", sorted(common.ROLES)),
+               _choice(config, "compute_dtype", ("float32", "bfloat16")),
+               _choice(config, "models.attention_impl", IMPLEMENTATIONS, none_ok=True)]
+    for axis in ("data", "fsdp", "tensor"):
+        value = config.mesh[axis]
+        if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1):
+            errors.append(f"config.mesh.{axis}={value!r}: expected an integer >= 1, or -1 (the remaining devices)")
+    # data
+    errors += [_number(config, "data.max_seconds", low=0, low_open=True),
+               _number(config, "data.audio_chunk_seconds", low=0, low_open=True),
+               _number(config, "data.video_fps", low=0, low_open=True),
+               _number(config, "data.max_pixels", kind=int, low=28 * 28),
+               _choice(config, "data.question_strategy", STRATEGIES),
+               _number(config, "data.question_seed", kind=int, low=0),
+               _choice(config, "data.on_error", ("raise", "skip")),
+               _number(config, "data.max_error_fraction", low=0, high=1),
+               _number(config, "data.worker_count", kind=int, low=0)]
+    if config.data.question_strategy != "fixed":
+        errors.append(_number(config, "data.num_options", kind=int, low=2, high=26))
+    buckets = tuple(config.data.prompt_buckets)
+    if not buckets or list(buckets) != sorted(set(buckets)) or not all(isinstance(b, int) and b >= 1 for b in buckets):
+        errors.append(f"config.data.prompt_buckets={buckets}: expected increasing positive integers")
+    if config.toy:
+        errors += [_number(config, "data.world.scale", low=0, low_open=True),
+                   _number(config, "data.world.fps", low=0, low_open=True),
+                   _number(config, "data.world.workers", kind=int, low=0)]
+        for modality in common.MODALITIES:
+            key = f"warm_start.models.{modality}"
+            errors += [_number(config, f"{key}.learning_rate", low=0, low_open=True),
+                       _number(config, f"{key}.steps", kind=int, low=1),
+                       _number(config, f"{key}.batch_size", kind=int, low=1),
+                       _number(config, f"{key}.warmup_steps", kind=int, low=0,
+                               high=max(config.warm_start.models[modality].steps - 1, 0))]
+        errors += [_number(config, "warm_start.weight_decay", low=0), _number(config, "warm_start.log_every", kind=int, low=1),
+                   _number(config, "warm_start.max_nonfinite_steps", kind=int, low=1)]
+    # evaluate, switch, label
+    errors += [_number(config, "evaluate.batch_size", kind=int, low=1),
+               _choice(config, "switch.finetune", switch_lib.FINETUNE_MODES),
+               _choice(config, "switch.label_mode", switch_lib.LABEL_MODES),
+               _choice(config, "switch.sample_rule", switch_lib.SAMPLE_RULES),
+               _number(config, "switch.class_margin", low=-1, high=1),
+               _number(config, "switch.threshold", low=0, high=1, low_open=True, high_open=True),
+               _number(config, "switch.learning_rate", low=0, low_open=True),
+               _number(config, "switch.batch_size", kind=int, low=1),
+               _number(config, "switch.epochs", kind=int, low=1),
+               _number(config, "switch.max_nonfinite_steps", kind=int, low=1),
+               _number(config, "label.batch_size", kind=int, low=1),
+               _number(config, "label.chunk_batches", kind=int, low=1)]
+    # distill
+    cfg = config.distill
+    bad = [m for m in cfg.modes if m not in SWITCH_MODES]
+    if bad or not cfg.modes:
+        errors.append(f"config.distill.modes={tuple(cfg.modes)}: each must be one of {SWITCH_MODES}")
+    if "oracle" in cfg.modes and not config.toy:
+        errors.append("config.distill.modes has 'oracle', which needs ground truth: toy world only")
+    if cfg.lora.dropout:
+        errors.append(f"config.distill.lora.dropout={cfg.lora.dropout}: LoRA dropout is not supported by the train "
+                      "step (its RNG stream is not checkpointed, so a resumed run would differ); use 0")
+    from distill_jax.models.lora import DEFAULT_TARGETS, _SHORT
+
+    targets = tuple(cfg.lora.targets)
+    if not targets or any(_SHORT.get(t, t) not in DEFAULT_TARGETS for t in targets):
+        errors.append(f"config.distill.lora.targets={targets}: expected a non-empty subset of {DEFAULT_TARGETS}")
+    errors += [_choice(config, "distill.loss", MODES), _choice(config, "distill.remat", sorted(REMAT_POLICIES)),
+               _number(config, "distill.temperature", low=0, low_open=True),
+               _number(config, "distill.lora.rank", kind=int, low=1),
+               _number(config, "distill.lora.alpha", low=0, low_open=True),
+               _number(config, "distill.batch_size", kind=int, low=1),
+               _number(config, "distill.epochs", kind=int, low=1),
+               _number(config, "distill.max_steps", kind=int, low=1, none_ok=True),
+               _number(config, "distill.learning_rate", low=0, low_open=True),
+               _number(config, "distill.warmup_steps", kind=int, low=0),
+               _number(config, "distill.weight_decay", low=0),
+               _number(config, "distill.clip_norm", low=0, none_ok=True),
+               _number(config, "distill.accumulate_steps", kind=int, low=1),
+               _number(config, "distill.checkpoint_every", kind=int, low=1),
+               _number(config, "distill.log_every", kind=int, low=1),
+               _number(config, "distill.max_nonfinite_steps", kind=int, low=1)]
+    if isinstance(cfg.batch_size, int) and isinstance(cfg.accumulate_steps, int) and cfg.accumulate_steps >= 1 \
+            and cfg.max_steps and cfg.max_steps // cfg.accumulate_steps < 2:
+        errors.append(f"config.distill.max_steps={cfg.max_steps} with accumulate_steps={cfg.accumulate_steps}: "
+                      "fewer than 2 optimizer updates (the warmup-cosine schedule needs 2)")
+    # split names
+    known = _known_splits(config)
+    if known is not None:
+        for key in ("warm_start.split", "switch.split", "switch.eval_split", "label.split"):
+            if key.startswith("warm_start") and not config.toy:
+                continue
+            errors.append(_choice(config, key, known))
+        for key in ("evaluate.splits", "distill.eval_splits"):
+            names = tuple(_get(config, key))
+            if not names or any(n not in known for n in names):
+                errors.append(f"config.{key}={names}: expected split names from {known}")
     if not config.toy:
         for modality in common.MODALITIES:
             path = config.models[modality].path
             if not path or not (multihost.path(path) / "config.json").exists():
-                raise ConfigError(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
-                                  "(no config.json)")
+                errors.append(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
+                              "(no config.json)")
         if not config.data.manifest or not multihost.path(config.data.manifest).exists():
-            raise ConfigError(f"config.data.manifest={config.data.manifest!r} does not exist")
+            errors.append(f"config.data.manifest={config.data.manifest!r} does not exist")
         if not multihost.path(config.switch.backbone).is_file():
-            raise ConfigError(f"config.switch.backbone={config.switch.backbone!r} is not a file: the switch starts "
-                              "from a pretrained PANN Cnn14 checkpoint (configs/paper.py: pann=...)")
-    from distill_jax.layers.attention import IMPLEMENTATIONS
-    from distill_jax.models.qwen2 import REMAT_POLICIES
+            errors.append(f"config.switch.backbone={config.switch.backbone!r} is not a file: the switch starts "
+                          "from a pretrained PANN Cnn14 checkpoint (configs/paper.py: pann=...)")
+    else:
+        from distill_jax.models.cnn14 import Cnn14Config
 
-    if config.distill.remat not in REMAT_POLICIES:
-        raise ConfigError(f"config.distill.remat={config.distill.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
-    if config.models.attention_impl is not None and config.models.attention_impl not in IMPLEMENTATIONS:
-        raise ConfigError(f"config.models.attention_impl={config.models.attention_impl!r}; expected None or one "
-                          f"of {IMPLEMENTATIONS}")
-    if config.compute_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; expected float32 or bfloat16")
+        try:
+            if not multihost.path(config.switch.backbone).is_file():
+                Cnn14Config.preset(config.switch.backbone)
+        except ValueError as e:
+            errors.append(f"config.switch.backbone={config.switch.backbone!r}: not a file, and {e}")
+    errors = [e for e in errors if e]
+    if errors:
+        raise ConfigError("; ".join(errors) if len(errors) == 1 else
+                          f"{len(errors)} config values cannot work:\n  " + "\n  ".join(errors))
+
+
+def check_batch_sizes(config, mesh) -> None:
+    """Every global batch must split evenly over the mesh's batch axes (data x fsdp) and the hosts."""
+    from distill_jax.train.loop import batch_axes
+
+    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    keys = ["evaluate.batch_size", "label.batch_size", "distill.batch_size", "switch.batch_size"]
+    if config.toy:
+        keys += [f"warm_start.models.{m}.batch_size" for m in common.MODALITIES]
+    errors = [f"config.{k}={_get(config, k)}: expected a multiple of {shards} (the mesh's data x fsdp devices) and "
+              f"of the {jax.process_count()} processes" for k in keys
+              if _get(config, k) % shards or _get(config, k) % jax.process_count()]
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 # Outputs that depend on which model teaches: a workdir holding them belongs to one direction.
@@ -160,6 +306,7 @@ def run(config, workdir: str, stages=None) -> list[common.Study]:
     stages = list(stages or config.stages)
     check_config(config, stages)
     mesh = make_mesh(config)
+    check_batch_sizes(config, mesh)
     workdir = multihost.path(workdir)
     check_workdir(config, workdir)
     multihost.sync("workdir checked")  # before process 0 rewrites config.json

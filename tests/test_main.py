@@ -209,6 +209,24 @@ def test_killed_distill_resumes_to_the_same_weights(tiny_run, tmp_path):
     (lambda c: setattr(c.distill, "loss", "soft"), "config.distill.loss='soft'"),
     (lambda c: setattr(c.distill, "remat", "most"), "config.distill.remat='most'"),
     (lambda c: setattr(c.models, "attention_impl", "splash"), "config.models.attention_impl='splash'"),
+    (lambda c: setattr(c.distill, "batch_size", 0), r"config.distill.batch_size=0: expected an integer in \[1, inf\)"),
+    (lambda c: setattr(c.evaluate, "batch_size", -8), r"config.evaluate.batch_size=-8: expected an integer in \[1"),
+    (lambda c: setattr(c.distill, "accumulate_steps", 0), r"config.distill.accumulate_steps=0: expected an integer"),
+    (lambda c: setattr(c.distill, "checkpoint_every", 0), r"config.distill.checkpoint_every=0: expected an integer"),
+    (lambda c: setattr(c.distill, "learning_rate", float("nan")), r"config.distill.learning_rate=nan: expected a "
+                                                                  r"number in \(0, inf\)"),
+    (lambda c: setattr(c.evaluate, "splits", ("test", "tset")), r"config.evaluate.splits=\('test', 'tset'\): "
+                                                                r"expected split names from"),
+    (lambda c: setattr(c.label, "split", "training"), "config.label.split='training': expected one of"),
+    (lambda c: setattr(c.data, "on_error", "ignore"), r"config.data.on_error='ignore': expected one of \('raise', "
+                                                      r"'skip'\)"),
+    (lambda c: setattr(c.data, "max_error_fraction", 1.5), r"config.data.max_error_fraction=1.5: expected a number "
+                                                           r"in \[0, 1\]"),
+    (lambda c: setattr(c.switch, "threshold", 1.0), r"config.switch.threshold=1.0: expected a number in \(0, 1\)"),
+    (lambda c: setattr(c.distill, "max_nonfinite_steps", 0), "config.distill.max_nonfinite_steps=0"),
+    (lambda c: setattr(c.distill.lora, "targets", ("qq_proj",)), "config.distill.lora.targets"),
+    (lambda c: setattr(c.mesh, "fsdp", 0), "config.mesh.fsdp=0: expected an integer >= 1, or -1"),
+    (lambda c: setattr(c.distill, "batch_size", 12), r"config.distill.batch_size=12: expected a multiple of 8"),
 ])
 def test_bad_config_values_are_named(edit, match, tmp_path):
     config = toy.get_config()
@@ -217,6 +235,14 @@ def test_bad_config_values_are_named(edit, match, tmp_path):
     with pytest.raises(main.ConfigError, match=match):
         main.run(config, str(tmp_path), stages)
     assert not os.listdir(tmp_path)  # refused before any work
+
+
+def test_every_config_error_is_named_at_once(tmp_path):
+    config = toy.get_config()
+    config.distill.batch_size, config.distill.warmup_steps, config.switch.epochs = 0, -1, 0
+    with pytest.raises(main.ConfigError, match="3 config values cannot work") as error:
+        main.run(config, str(tmp_path))
+    assert all(k in str(error.value) for k in ("distill.batch_size", "distill.warmup_steps", "switch.epochs"))
 
 
 def test_mesh_that_does_not_divide_the_devices_is_named(tmp_path):
