@@ -1,31 +1,45 @@
 """Clips (video files + labels) -> sharded TFRecord files + a JSON manifest; shared by the
 VGGSound, AudioSet and toy-world converters.
 
-`convert(plan, out_dir, ...)` decodes the clips in parallel processes (PyAV, `media.decode_clip`)
+`convert(plan, out_dir, ...)` decodes the clips in worker processes (PyAV, `media.decode_clip`)
 and writes each split as `{name}-{split}-00000-of-000NN.tfrecord`, a fixed list of clips per
-shard. Each finished shard gets a sidecar `<shard>.json` (its planned clip ids, what was written
-and what was skipped and why), written after the shard itself, so a rerun skips every shard
-that has one. The manifest `{name}.manifest.json` holds the class list, per-split files and
-counts, and the report of every skipped clip; `print_report` prints it as a table.
+shard. Each finished shard gets a sidecar `<shard>.json` (its planned clip ids, its decode
+options, what was written, what was skipped and why, and which clips are silent), written
+after the shard itself, so a rerun skips every shard that has one; a rerun with other decode
+options is refused, naming them. The manifest `{name}.manifest.json` holds the class list,
+per-split files and counts, the report of every skipped clip and the list of silent ones;
+`print_report` prints it as a table.
+
+Decoding always runs in worker processes, so a decoder that crashes (a segfault, a killed
+worker) takes down a worker, not the run: the clips that were in flight are decoded again one
+by one, each in a fresh process, and the one whose process dies again is skipped as
+"decoder crashed".
 
 Skip reasons: the `media.SKIP_KINDS` ("missing file", "no audio stream", "no video stream",
-"decode error", "too short") and "label not in class list".
+"decode error", "too short", "non-finite audio"), "decoder crashed" and "label not in class
+list". Silent clips (every sample within `SILENT_PEAK` of 0) are written, and flagged.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
 
 import tqdm
 
 from data_pipelines import media, tfrecord
 
 LABEL_NOT_IN_CLASSES = "label not in class list"
+DECODER_CRASHED = "decoder crashed"
+SILENT_PEAK = 1  # int16 units (-90 dBFS): a clip whose samples all lie within it is silent
 MANIFEST_VERSION = 1
 
 
@@ -65,8 +79,11 @@ def shard_name(name: str, split: str, index: int, count: int) -> str:
 
 
 def _convert_one(task):
-    """Worker: (row, label_index, options) -> ("ok", example bytes) or ("skip", kind, detail)."""
+    """Worker: (row, label_index, options) -> ("ok", example bytes, silent) or ("skip", kind, detail)."""
     row, label_index, options = task
+    from distill_jax import faults
+
+    faults.crash_if_clip(row.clip_id)
     try:
         pcm, jpegs = media.decode_clip(row.path, start_sec=row.start_sec, max_seconds=options.max_seconds,
                                        fps=options.fps, max_short_side=options.max_short_side,
@@ -79,7 +96,47 @@ def _convert_one(task):
         clip_id=row.clip_id, start_sec=row.start_sec if row.source_start_sec is None else row.source_start_sec,
         label_index=label_index, label_name=row.label, pcm16=pcm, sample_rate=media.SAMPLE_RATE,
         jpeg_frames=tuple(jpegs), fps=options.fps, split=row.split)
-    return ("ok", tfrecord.clip_to_example(clip))
+    silent = bool(pcm.size) and int(np.abs(pcm.astype(np.int32)).max()) <= SILENT_PEAK
+    return ("ok", tfrecord.clip_to_example(clip), silent)
+
+
+def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _alone(task) -> tuple:
+    """`task` decoded in a process of its own: a crash there is this clip's."""
+    with _pool(1) as pool:
+        try:
+            return pool.submit(_convert_one, task).result()
+        except BrokenProcessPool:
+            return ("skip", DECODER_CRASHED, f"{task[0].path}: the decoding process died (e.g. a segfault in "
+                                             "the decoder)")
+
+
+def _decoded(tasks: Sequence, workers: int) -> Iterator[tuple]:
+    """`_convert_one` of every task, in order, from `workers` processes that a crash cannot stop:
+    when a worker dies, the clips in flight are decoded again one by one, each in its own process."""
+    tasks = iter(tasks)
+    pool, in_flight = _pool(workers), collections.deque()
+    try:
+        while True:
+            while len(in_flight) < 2 * workers and (task := next(tasks, None)) is not None:
+                in_flight.append((task, pool.submit(_convert_one, task)))
+            if not in_flight:
+                return
+            task, future = in_flight.popleft()
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                suspects = [task] + [t for t, _ in in_flight]
+                in_flight.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                for suspect in suspects:
+                    yield _alone(suspect)
+                pool = _pool(workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_json(path: str, obj) -> None:
@@ -90,8 +147,9 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _shard_done(shard_path: str, planned: list[str]) -> dict | None:
-    """The sidecar of a finished shard, None if it must be (re)written; error if it is another plan's."""
+def _shard_done(shard_path: str, planned: list[str], options: DecodeOptions) -> dict | None:
+    """The sidecar of a finished shard, None if it must be (re)written; error if it is another
+    plan's or was decoded with other options."""
     sidecar = shard_path + ".json"
     if not (os.path.exists(sidecar) and os.path.exists(shard_path)):
         return None
@@ -100,6 +158,13 @@ def _shard_done(shard_path: str, planned: list[str]) -> dict | None:
     if done.get("planned") != planned:
         raise ValueError(f"{shard_path} was written for a different list of clips (another CSV, class "
                          "list, analysis size or clips_per_shard?): convert into a fresh --out directory")
+    wanted = dataclasses.asdict(options)
+    written = done.get("decode_options")
+    if written != wanted:
+        differ = ("it records none (an older converter)" if written is None else
+                  ", ".join(f"{k}={written.get(k)!r} there, {v!r} now" for k, v in wanted.items() if written.get(k) != v))
+        raise ValueError(f"{shard_path} was decoded with other options ({differ}): convert into a fresh --out "
+                         "directory, or rerun with the options it was written with")
     return done
 
 
@@ -137,7 +202,7 @@ def convert(plan: Mapping[str, Sequence[ClipRow]], out_dir, *, name: str, classe
     results = {}
     todo = []
     for split, path, chunk in shards:
-        done = _shard_done(path, [r.clip_id for r in chunk])
+        done = _shard_done(path, [r.clip_id for r in chunk], options)
         if done is not None:
             results[path] = done
         else:
@@ -146,44 +211,48 @@ def convert(plan: Mapping[str, Sequence[ClipRow]], out_dir, *, name: str, classe
     total = sum(len(chunk) for _, _, chunk in todo)
 
     bar = tqdm.tqdm(total=total, desc=f"{name}: clips", unit="clip", disable=not progress or total == 0)
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and tasks else None
+    outputs = _decoded(tasks, max(1, workers))  # no process starts until a clip is needed
     try:
-        outputs = (pool.imap(_convert_one, tasks, chunksize=1) if pool is not None else map(_convert_one, tasks))
         for split, path, chunk in todo:
-            written, shard_skipped = [], []
+            written, shard_skipped, silent = [], [], []
             with tfrecord.TFRecordWriter(path) as writer:
                 for row in chunk:
                     if row.label not in class_index:
                         shard_skipped.append({"clip_id": row.clip_id, "split": split, "reason": LABEL_NOT_IN_CLASSES,
-                                        "detail": row.label})
+                                              "detail": row.label})
                     else:
                         out = next(outputs)
                         if out[0] == "ok":
                             writer.write(out[1])
                             written.append(row.clip_id)
+                            if out[2]:
+                                silent.append(row.clip_id)
                         else:
                             shard_skipped.append({"clip_id": row.clip_id, "split": split, "reason": out[1],
                                                   "detail": out[2]})
                     bar.update(1)
-            results[path] = {"planned": [r.clip_id for r in chunk], "written": written, "skipped": shard_skipped}
+            results[path] = {"planned": [r.clip_id for r in chunk], "decode_options": dataclasses.asdict(options),
+                             "written": written, "skipped": shard_skipped, "silent": silent}
             _write_json(path + ".json", results[path])
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        outputs.close()
 
-    manifest = {"version": MANIFEST_VERSION, "name": name, "classes": classes, "splits": {}, "skipped": [],
+    manifest = {"version": MANIFEST_VERSION, "name": name, "classes": classes, "splits": {}, "skipped": [], "silent": [],
                 "decode_options": dataclasses.asdict(options), "clips_per_shard": clips_per_shard,
                 **dict(extra or {})}
     for split, path, _ in shards:
-        entry = manifest["splits"].setdefault(split, {"files": [], "num_examples": 0, "num_skipped": 0})
+        entry = manifest["splits"].setdefault(split, {"files": [], "num_examples": 0, "num_skipped": 0,
+                                                      "num_silent": 0})
         entry["files"].append(os.path.basename(path))
         entry["num_examples"] += len(results[path]["written"])
         entry["num_skipped"] += len(results[path]["skipped"])
+        entry["num_silent"] += len(results[path]["silent"])
         manifest["skipped"].extend(results[path]["skipped"])
+        manifest["silent"].extend({"clip_id": c, "split": split} for c in results[path]["silent"])
     for row in skipped:
-        entry = manifest["splits"].setdefault(row["split"], {"files": [], "num_examples": 0, "num_skipped": 0})
+        entry = manifest["splits"].setdefault(row["split"], {"files": [], "num_examples": 0, "num_skipped": 0,
+                                                             "num_silent": 0})
         entry["num_skipped"] += 1
         manifest["skipped"].append(dict(row))
     _write_json(os.path.join(out_dir, f"{name}.manifest.json"), manifest)
@@ -210,7 +279,7 @@ def print_report(manifest: Mapping, max_listed: int = 100) -> None:
     print(f"{manifest['name']}: {len(manifest['classes'])} classes")
     for split, entry in manifest["splits"].items():
         print(f"  {split:<10} {entry['num_examples']:>8} clips in {len(entry['files'])} shards, "
-              f"{entry['num_skipped']} skipped")
+              f"{entry['num_skipped']} skipped, {entry.get('num_silent', 0)} silent (kept, flagged)")
     reasons = collections.Counter(s["reason"] for s in manifest["skipped"])
     for reason, count in reasons.most_common():
         print(f"  skipped, {reason}: {count}")

@@ -18,8 +18,9 @@ import av
 import numpy as np
 
 SAMPLE_RATE = 16000
-SKIP_KINDS = ("missing file", "no audio stream", "no video stream", "decode error", "too short")
+SKIP_KINDS = ("missing file", "no audio stream", "no video stream", "decode error", "too short", "non-finite audio")
 
+_FLOAT_SAMPLES = ("flt", "fltp", "dbl", "dblp")  # decoded sample formats that can hold NaN
 _codecs = threading.local()  # this thread's MJPEG encoders (one per frame shape) and decoder
 
 
@@ -161,7 +162,8 @@ def decode_clip(path, *, start_sec: float = 0.0, max_seconds: float = 10.0, fps:
 
     Raises:
         ClipError: kind "missing file", "no audio stream", "no video stream", "decode error"
-            (FFmpeg could not open or decode it) or "too short".
+            (FFmpeg could not open or decode it), "too short" or "non-finite audio" (NaN or
+            infinite samples in a float audio stream: never written as a clip).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -194,6 +196,9 @@ def decode_clip(path, *, start_sec: float = 0.0, max_seconds: float = 10.0, fps:
                     else:
                         if audio_start is None:
                             audio_start = frame.time
+                        if frame.format.name in _FLOAT_SAMPLES and not np.isfinite(frame.to_ndarray()).all():
+                            raise ClipError("non-finite audio", f"{path}: NaN or infinite samples at "
+                                                                f"{frame.time:.3f} s")
                         chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
                 if all(past_end.values()):  # the rest of a long video is not needed
                     break

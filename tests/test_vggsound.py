@@ -248,3 +248,54 @@ def test_audioset_converter(vgg, tmp_path):
     (tmp_path / "bad.tsv").write_text("Barking\n")
     with pytest.raises(ValueError, match=r"not AudioSet MIDs or ontology names: \['Barking'\]"):
         audioset.read_keep_list(tmp_path / "bad.tsv", audioset.load_ontology(tmp_path / "ontology.json"))
+
+
+def _write_float_audio(path, audio: np.ndarray) -> None:
+    """A clip whose audio is stored as 32-bit float PCM (Matroska), so it can hold NaN."""
+    with av.open(str(path), "w", format="matroska") as c:
+        video = c.add_stream("mpeg4", rate=FPS)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = c.add_stream("pcm_f32le", rate=SR)
+        sound.layout = "mono"
+        for frame in _frames(len(audio) / SR):
+            c.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(video.encode(None))
+        for i in range(0, len(audio), 1024):
+            chunk = av.AudioFrame.from_ndarray(audio[None, i:i + 1024].astype(np.float32), format="flt", layout="mono")
+            chunk.sample_rate, chunk.pts = SR, i
+            c.mux(sound.encode(chunk))
+        c.mux(sound.encode(None))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decoder_crash_nan_and_silent_audio_and_changed_options(vgg, tmp_path, monkeypatch, workers):
+    """A decoder that segfaults on one clip costs that clip ("decoder crashed"), not the run, with
+    one worker or several; NaN audio is refused with its reason; silent audio is written and
+    flagged; a rerun with other decode options is refused, naming them."""
+    _, _, videos, _ = vgg
+    clips = tmp_path / "videos"
+    clips.mkdir()
+    for name in ("y0x0_000030", "y1x0_000030", "y2x0_000030"):
+        os.symlink(videos / f"{name}.mp4", clips / f"{name}.mp4")
+    media.write_mp4(clips / "silent_000000.mp4", _frames(2.0), FPS, np.zeros(2 * SR))
+    nan_audio = _audio(2.0, 0)
+    nan_audio[5000:5100] = np.nan
+    _write_float_audio(clips / "nanaudio_000000.mp4", nan_audio)
+    rows = [["y0x0", 30, CLASSES[0], "train"], ["y1x0", 30, CLASSES[1], "train"], ["silent", 0, CLASSES[1], "train"],
+            ["nanaudio", 0, CLASSES[0], "train"], ["y2x0", 30, CLASSES[2], "train"]]
+    csv_path = tmp_path / "clips.csv"
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    monkeypatch.setenv("DISTILL_JAX_CRASH_CLIP", "y1x0_000030")  # the decoding process segfaults on it
+    manifest = _convert(tmp_path, csv_path, clips, analysis_size=0, workers=workers)
+    reasons = {s["clip_id"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {"y1x0_000030": converter.DECODER_CRASHED, "nanaudio_000000": "non-finite audio"}
+    assert manifest["splits"]["train"]["num_examples"] == 3 and manifest["splits"]["train"]["num_silent"] == 1
+    assert manifest["silent"] == [{"clip_id": "silent_000000", "split": "train"}]
+    files = [str(tmp_path / "out" / f) for f in manifest["splits"]["train"]["files"]]
+    written = {tfrecord.example_to_clip(r).clip_id: tfrecord.example_to_clip(r) for f in files
+               for r in tfrecord.iter_records(f)}
+    assert sorted(written) == ["silent_000000", "y0x0_000030", "y2x0_000030"]
+    assert not written["silent_000000"].pcm16.any() and written["y2x0_000030"].pcm16.std() > 1000
+    with pytest.raises(ValueError, match=r"decoded with other options \(fps=2.0 there, 4.0 now\)"):
+        _convert(tmp_path, csv_path, clips, analysis_size=0, workers=workers, fps=4)
