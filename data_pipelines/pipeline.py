@@ -15,7 +15,8 @@ of i and the config, whatever the number of worker processes):
    each host takes floor(N / hosts) slots (batches may span two epochs); without it
    (evaluation) ceil(N / hosts) rounded up to whole local batches, the extra slots repeating
    real records with `valid = 0`, so every host runs the same number of steps and every clip
-   is counted once.
+   is counted once. With `on_error="skip"` a bad record's slot is filled the same way (the next
+   readable record, `valid = 0`), its error in the row's `data_error`.
 2. **decode** (`ReadExample`): the record's CRC is checked, the `tf.train.Example` parsed, the
    PCM turned into float32 audio in [-1, 1) and the JPEGs into RGB frames; the clip's question
    (`data_pipelines.questions`) is attached. The example dict holds
@@ -29,8 +30,7 @@ of i and the config, whatever the number of worker processes):
    top-level class or function). The pipeline adds valid, label and answer to its output.
 4. **batch** (`PadBatch`): fixed-length arrays are stacked; arrays named in `padding` (a
    varying first axis, such as `input_ids`) are padded to the smallest of a few bucket lengths
-   that fits the batch, so jit sees a handful of shapes; strings stay NumPy str arrays. With
-   `on_error="skip"` a corrupt record's row becomes an invalid copy of another row.
+   that fits the batch, so jit sees a handful of shapes; strings stay NumPy str arrays.
 5. **prefetch**: `read_threads` threads make batches ahead in each process; `worker_count` > 0
    makes them in Grain worker processes instead (`mp_prefetch`; workers read absl flags: run
    under `absl.app.run` or call `flags.FLAGS.mark_as_parsed()`, and keep the program behind
@@ -44,6 +44,8 @@ saved one would have (same config; the state's layout depends on worker_count).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -132,28 +134,48 @@ class HostPositions:
 
 
 class ReadExample:
-    """(record position, valid) -> the decoded example dict (module docstring, step 2), or None
-    for a record skipped by the source."""
+    """(record position, valid) -> the decoded example dict (module docstring, step 2).
+
+    Every way a record can be bad (CRC, protobuf, features, label outside the class list, JPEG)
+    is a `tfrecord.TFRecordError` naming file, offset, clip id and reason. With the source's
+    `on_error="skip"` the bad record's slot is filled by the next readable record of the split,
+    marked `valid = 0` (no loss, no score: batches keep their shape on every host) and carrying
+    the error as JSON in `data_error` ("" for a good row), which the main process reports
+    (`make_dataset(on_data_error=...)`)."""
 
     def __init__(self, source: tfrecord.TFRecordDataSource, class_names: Sequence[str],
                  questions: QuestionMaker, *, decode_audio: bool = True, decode_frames: bool = True):
         self.source, self.class_names, self.questions = source, tuple(class_names), questions
         self.decode_audio, self.decode_frames = decode_audio, decode_frames
 
-    def __call__(self, item: tuple[int, int]) -> dict | None:
+    def __call__(self, item: tuple[int, int]) -> dict:
         position, valid = item
-        data = self.source[position]
-        if data is None:
-            return None
-        clip = tfrecord.example_to_clip(data)
+        try:
+            return self.read(position, valid)
+        except tfrecord.TFRecordError as e:
+            if self.source.on_error == "raise":
+                raise
+            logging.warning("skipping a bad record: %s", e)
+            error = json.dumps(e.to_dict())
+        for step in range(1, len(self.source)):  # the next readable record stands in, marked invalid
+            try:
+                return {**self.read((position + step) % len(self.source), 0), "data_error": error}
+            except tfrecord.TFRecordError:
+                continue
+        raise ValueError(f"no readable record among the {len(self.source)} records of {self.source.paths[:3]}")
+
+    def read(self, position: int, valid: int) -> dict:
+        where = self.source.location(position)
+        clip = tfrecord.example_to_clip(self.source.read(position), where)
+        bad = lambda reason: tfrecord.TFRecordError(*where, reason, clip.clip_id)
         index = clip.label_index
         if not 0 <= index < len(self.class_names) or self.class_names[index] != clip.label_name:
-            raise ValueError(f"clip {clip.clip_id}: label {clip.label_name!r} (index {index}) does not match "
-                             f"the class list ({len(self.class_names)} classes): wrong manifest for these files?")
+            raise bad(f"label {clip.label_name!r} (index {index}) does not match the class list "
+                      f"({len(self.class_names)} classes): wrong manifest for these files?")
         question = self.questions(clip.clip_id, clip.label_name)
         example = {"clip_id": clip.clip_id, "index": position, "label": index, "label_name": clip.label_name,
                    "split": clip.split, "start_sec": clip.start_sec, "valid": valid, "options": question.options,
-                   "answer": question.answer, "question": question.text()}
+                   "answer": question.answer, "question": question.text(), "data_error": ""}
         if self.decode_audio:
             example["audio"] = clip.pcm16.astype(np.float32) / np.float32(32768.0)
             example["sample_rate"] = clip.sample_rate
@@ -161,12 +183,12 @@ class ReadExample:
             try:
                 frames = [media.decode_jpeg(j) for j in clip.jpeg_frames]
             except ValueError as e:
-                raise ValueError(f"clip {clip.clip_id}: {e}") from e
+                raise bad(f"a video frame does not decode: {e}") from None
             shapes = {f.shape for f in frames}
             if not frames:
-                raise ValueError(f"clip {clip.clip_id}: the record has no video frames")
+                raise bad("the record has no video frames")
             if len(shapes) != 1:
-                raise ValueError(f"clip {clip.clip_id}: frames of different sizes {sorted(shapes)}")
+                raise bad(f"frames of different sizes {sorted(shapes)}")
             example["frames"] = np.stack(frames)
             example["fps"] = clip.fps
         return example
@@ -180,9 +202,7 @@ class ApplyTransform:
     def __init__(self, transform: Callable[[dict], dict] | None, targets: Callable[[dict], dict] | None = None):
         self.transform, self.targets = transform, targets
 
-    def __call__(self, example: dict | None) -> dict | None:
-        if example is None:
-            return None
+    def __call__(self, example: dict) -> dict:
         if self.transform is None:
             out = dict(example)
         else:
@@ -191,7 +211,7 @@ class ApplyTransform:
                 raise TypeError(f"clip {example['clip_id']}: the transform returned {type(out).__name__}, "
                                 "not a dict")
             out = dict(out)
-        for key in ("clip_id", "index", "valid", "label", "answer"):
+        for key in ("clip_id", "index", "valid", "label", "answer", "data_error"):
             out.setdefault(key, example[key])
         if self.targets is not None:
             targets = dict(self.targets(example))
@@ -203,10 +223,7 @@ class ApplyTransform:
 
 
 class PadBatch:
-    """Grain `batch_fn`: a list of example dicts -> one dict of batched NumPy arrays.
-
-    None entries (records skipped by the source) become invalid copies of another example.
-    """
+    """Grain `batch_fn`: a list of example dicts -> one dict of batched NumPy arrays."""
 
     def __init__(self, padding: Mapping[str, Pad] | None = None):
         self.padding = dict(padding or {})
@@ -228,12 +245,7 @@ class PadBatch:
             mask[i, rows] = 1
         return {key: out, **({pad.mask_key: mask} if pad.mask_key else {})}
 
-    def __call__(self, examples: Sequence[dict | None]) -> dict[str, np.ndarray] | None:
-        present = [e for e in examples if e is not None]
-        if not present:
-            return None  # every record of this batch was skipped: Grain drops the batch
-        # A skipped record's row repeats another example, marked invalid: shapes stay fixed.
-        examples = [e if e is not None else {**present[0], "valid": 0} for e in examples]
+    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
         keys = list(examples[0])
         ids = [e.get("clip_id", "?") for e in examples]
         for e in examples[1:]:
@@ -270,23 +282,59 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
+class ReportDataErrors(grain.IterDataset):
+    """The last step, in the main process: `report(error dict)` for every skipped record of a
+    batch (its row's `data_error`), so skips made in worker processes are never lost."""
+
+    def __init__(self, parent: grain.IterDataset, report: Callable[[dict], None]):
+        super().__init__(parent)
+        self.report = report
+
+    def __iter__(self):
+        return _ReportingIterator(self._parent.__iter__(), self.report)
+
+
+class _ReportingIterator(grain.DatasetIterator):
+    def __init__(self, parent, report):
+        super().__init__(parent)
+        self.report = report
+
+    def __next__(self):
+        batch = next(self._parent)
+        for error in batch.get("data_error", ()):
+            if error:
+                self.report(json.loads(str(error)))
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
 def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: PipelineConfig,
                  transform: Callable[[dict], dict] | None = None, padding: Mapping[str, Pad] | None = None,
                  targets: Callable[[dict], dict] | None = None,
                  question_maker: QuestionMaker | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None,
+                 on_data_error: Callable[[dict], None] | None = None) -> grain.IterDataset:
     """This host's Grain dataset of batches (dicts of NumPy arrays) of the clips in `paths`.
 
     `class_names` is the manifest's class list (label/index points into it; the questions draw
     from it unless `question_maker` is given). `targets(example) -> dict` adds each clip's
     training targets to its row (a complete batch: model inputs and targets). process_index /
-    process_count default to JAX's.
+    process_count default to JAX's. `on_data_error(error)` gets every unreadable byte range of
+    the files (at once) and every skipped record (as its batch is read) with `on_error="skip"`.
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if config.batch_size % process_count:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {process_count} hosts")
     local_batch = config.batch_size // process_count
     source = tfrecord.TFRecordDataSource(paths, on_error=config.on_error)
+    if on_data_error is not None:
+        for problem in source.problems:
+            on_data_error({**problem, "clip_id": None})
     num_records = len(source)
     if num_records == 0:
         raise ValueError(f"no records in {len(source.paths)} files: {source.paths[:3]}")
@@ -312,6 +360,8 @@ def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: Pi
     if config.worker_count > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    if on_data_error is not None:
+        iter_ds = ReportDataErrors(iter_ds, on_data_error)
     return iter_ds
 
 

@@ -47,11 +47,16 @@ FEATURE_KEYS = ("clip/id", "clip/start_sec", "label/index", "label/name", "audio
 
 
 class TFRecordError(ValueError):
-    """A TFRecord file or record that cannot be read; the message names the file and offset."""
+    """A TFRecord file or record that cannot be read or parsed; the message names the file, the
+    offset, the clip id when it is known, and the reason."""
 
-    def __init__(self, path: str, offset: int, reason: str):
-        super().__init__(f"TFRecord {path}: record at byte offset {offset}: {reason}")
-        self.path, self.offset, self.reason = path, offset, reason
+    def __init__(self, path: str, offset: int, reason: str, clip_id: str | None = None):
+        clip = f" (clip {clip_id})" if clip_id else ""
+        super().__init__(f"TFRecord {path}: record at byte offset {offset}{clip}: {reason}")
+        self.path, self.offset, self.reason, self.clip_id = path, offset, reason, clip_id
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "offset": self.offset, "clip_id": self.clip_id, "reason": self.reason}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,14 +125,14 @@ class TFRecordWriter:
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def read_index(path, *, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_index(path, *, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Data offsets and lengths of every record of a TFRecord file, checking the framing.
 
     Reads only the 12-byte headers (and checks their CRCs) and that each record's data and
     footer lie inside the file. Returns `(data_offsets int64, data_lengths int64, problems)`.
-    A bad header or a truncated record raises `TFRecordError`; with `on_error="skip"` the
-    records before it are kept, the rest of the file is dropped (its framing is lost) and the
-    problem is returned as a message.
+    A bad header or a truncated record raises `TFRecordError`; with `on_error="skip"` the index
+    resumes at the next intact record after it (`_resync`), and the unreadable byte range is
+    returned as a problem {"path", "offset", "end", "reason"}.
     """
     _check_on_error(on_error)
     path = os.fspath(path)
@@ -136,6 +141,7 @@ def read_index(path, *, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray
     with _open(path) as f:
         offset = 0
         while offset < size:
+            f.seek(offset)
             header = f.read(_HEADER.size)
             problem = None
             if len(header) < _HEADER.size:
@@ -150,13 +156,47 @@ def read_index(path, *, on_error: str = "raise") -> tuple[np.ndarray, np.ndarray
             if problem is not None:
                 if on_error == "raise":
                     raise TFRecordError(path, offset, problem)
-                problems.append(str(TFRecordError(path, offset, problem + "; rest of the file dropped")))
-                break
+                resume = _resync(f, offset + 1, size)
+                problems.append({"path": path, "offset": offset, "end": resume, "reason":
+                                 f"{problem}; bytes {offset}..{resume} unreadable" +
+                                 ("" if resume < size else " (the rest of the file)")})
+                offset = resume
+                continue
             offsets.append(offset + _HEADER.size)
             lengths.append(length)
             offset += _HEADER.size + length + _FOOTER.size
-            f.seek(offset)
     return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), problems
+
+
+def _resync(f, start: int, size: int, window: int = 1 << 20) -> int:
+    """The offset of the first intact record at or after `start` (its length CRC and its data
+    CRC both check), or `size` if there is none. Candidates are found with NumPy over windows
+    of the file (a plausible length, then its CRC), so a corrupt header costs about one pass
+    over the bytes up to the next record."""
+    position = start
+    while position + _HEADER.size <= size:
+        f.seek(position)
+        chunk = f.read(window + _HEADER.size)
+        count = len(chunk) - _HEADER.size + 1
+        if count <= 0:
+            break
+        raw = np.frombuffer(chunk, np.uint8)
+        lengths = np.zeros(count, np.uint64)
+        for k in range(8):
+            lengths |= raw[k:k + count].astype(np.uint64) << np.uint64(8 * k)
+        at = position + np.arange(count, dtype=np.int64)
+        room = (size - at - _HEADER.size - _FOOTER.size).clip(min=0).astype(np.uint64)
+        for i in np.flatnonzero(lengths <= room).tolist():
+            header = chunk[i:i + _HEADER.size]
+            if masked_crc32c(header[:8]) != _HEADER.unpack(header)[1]:
+                continue
+            length = int(lengths[i])
+            f.seek(position + i + _HEADER.size)
+            body = f.read(length + _FOOTER.size)
+            if len(body) == length + _FOOTER.size and masked_crc32c(body[:length]) == _FOOTER.unpack(body[length:])[0]:
+                return position + i
+        position += count
+    return size
 
 
 def _remote(path: str) -> bool:
@@ -213,9 +253,10 @@ class TFRecordDataSource:
     open files are not (each process opens its own, read with `os.pread`, thread-safe).
 
     on_error: "raise" (default) makes any bad record a `TFRecordError` naming file and offset.
-        "skip" drops the unreadable tail of a file at indexing (listed in `problems`) and makes
-        `source[i]` of a record with a bad data CRC log a warning, count it in `num_skipped`
-        (per process) and return None, which Grain's datasets drop.
+        "skip" steps over unreadable byte ranges at indexing (listed in `problems`, dicts with
+        path, offset, end, reason) and makes `source[i]` of a record with a bad data CRC count it
+        in `num_skipped` (per process) and return None. `source.read(i)` always raises: the
+        input pipeline (`pipeline.ReadExample`) reports and replaces what it skips.
     """
 
     def __init__(self, paths: Sequence[str] | str, *, on_error: str = "raise"):
@@ -226,7 +267,7 @@ class TFRecordDataSource:
         if not self.paths:
             raise ValueError("TFRecordDataSource needs at least one file, got none")
         self.on_error = on_error
-        self.problems: list[str] = []
+        self.problems: list[dict] = []
         file_ids, offsets, lengths = [], [], []
         for i, path in enumerate(self.paths):
             o, n, problems = read_index(path, on_error=on_error)
@@ -243,7 +284,22 @@ class TFRecordDataSource:
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def location(self, index: int) -> tuple[str, int]:
+        """(file, byte offset of the record) of record `index`."""
+        return self.paths[int(self._file_ids[index])], int(self._offsets[index]) - _HEADER.size
+
     def __getitem__(self, index: int) -> bytes | None:
+        try:
+            return self.read(index)
+        except TFRecordError as e:
+            if self.on_error == "raise":
+                raise
+            self.num_skipped += 1
+            logging.warning("skipping record %d: %s", index, e)
+            return None
+
+    def read(self, index: int) -> bytes:
+        """Record `index`'s data, its CRC checked; a `TFRecordError` whatever `on_error` says."""
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"record index {index} out of range for {len(self)} records")
@@ -259,16 +315,9 @@ class TFRecordDataSource:
             if fd is None:
                 fd = self._fds[file_id] = os.open(path, os.O_RDONLY)
             data = os.pread(fd, length + _FOOTER.size, offset)
-        try:
-            if len(data) != length + _FOOTER.size:
-                raise TFRecordError(path, offset - _HEADER.size, "file changed since indexing (short read)")
-            _check_data(path, offset - _HEADER.size, data[:length], data[length:])
-        except TFRecordError as e:
-            if self.on_error == "raise":
-                raise
-            self.num_skipped += 1
-            logging.warning("skipping record %d: %s", index, e)
-            return None
+        if len(data) != length + _FOOTER.size:
+            raise TFRecordError(path, offset - _HEADER.size, "file changed since indexing (short read)")
+        _check_data(path, offset - _HEADER.size, data[:length], data[length:])
         return data[:length]
 
     def __getstate__(self):
@@ -324,29 +373,47 @@ def clip_to_example(clip: Clip) -> bytes:
     return example.SerializeToString(deterministic=True)  # sorted map keys: same bytes in every process
 
 
-def _one(feature, key: str, kind: str, clip_id: str):
+def _one(feature, key: str, kind: str, clip_id: str, where):
     values = getattr(feature[key], kind).value
     if len(values) != 1:
-        raise ValueError(f"clip {clip_id}: feature {key!r} has {len(values)} values in {kind}, expected 1")
+        raise TFRecordError(*where, f"feature {key!r} has {len(values)} values in {kind}, expected 1", clip_id)
     return values[0]
 
 
-def example_to_clip(data: bytes) -> Clip:
-    """Parses a serialized clip `tf.train.Example`; a missing or mistyped feature is an error naming it."""
-    example = tf_example_pb2.Example.FromString(data)
+def example_to_clip(data: bytes, where: tuple[str, int] = ("<bytes>", -1)) -> Clip:
+    """Parses a serialized clip `tf.train.Example`. Anything that is not a well-formed clip (not a
+    protobuf, a missing or mistyped feature, an empty clip id, odd-length PCM, text that is not
+    UTF-8) is a `TFRecordError` naming `where` (file, record offset), the clip id when it is
+    readable, and the reason."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        example = tf_example_pb2.Example.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise TFRecordError(*where, f"not a tf.train.Example ({type(e).__name__}: {e})") from None
     feature = example.features.feature
-    missing = [key for key in FEATURE_KEYS if key not in feature]
-    clip_id = feature["clip/id"].bytes_list.value[0].decode("utf-8") if "clip/id" in feature else "<no clip/id>"
-    if missing:
-        raise ValueError(f"clip {clip_id}: example lacks features {missing}")
-    return Clip(
-        clip_id=clip_id,
-        start_sec=float(_one(feature, "clip/start_sec", "float_list", clip_id)),
-        label_index=int(_one(feature, "label/index", "int64_list", clip_id)),
-        label_name=_one(feature, "label/name", "bytes_list", clip_id).decode("utf-8"),
-        pcm16=np.frombuffer(_one(feature, "audio/pcm16", "bytes_list", clip_id), dtype="<i2").astype(np.int16),
-        sample_rate=int(_one(feature, "audio/sample_rate", "int64_list", clip_id)),
-        jpeg_frames=tuple(feature["video/jpeg"].bytes_list.value),
-        fps=float(_one(feature, "video/fps", "float_list", clip_id)),
-        split=_one(feature, "split", "bytes_list", clip_id).decode("utf-8"),
-    )
+    ids = feature["clip/id"].bytes_list.value if "clip/id" in feature else []
+    try:
+        clip_id = ids[0].decode("utf-8") if len(ids) == 1 else None
+        missing = [key for key in FEATURE_KEYS if key not in feature]
+        if missing:
+            raise TFRecordError(*where, f"example lacks features {missing}", clip_id)
+        if not clip_id:
+            raise TFRecordError(*where, f"feature 'clip/id' is empty or has {len(ids)} values, expected 1 non-empty")
+        pcm = _one(feature, "audio/pcm16", "bytes_list", clip_id, where)
+        if len(pcm) % 2:
+            raise TFRecordError(*where, f"audio/pcm16 has {len(pcm)} bytes: int16 samples need an even count",
+                                clip_id)
+        return Clip(
+            clip_id=clip_id,
+            start_sec=float(_one(feature, "clip/start_sec", "float_list", clip_id, where)),
+            label_index=int(_one(feature, "label/index", "int64_list", clip_id, where)),
+            label_name=_one(feature, "label/name", "bytes_list", clip_id, where).decode("utf-8"),
+            pcm16=np.frombuffer(pcm, dtype="<i2").astype(np.int16),
+            sample_rate=int(_one(feature, "audio/sample_rate", "int64_list", clip_id, where)),
+            jpeg_frames=tuple(feature["video/jpeg"].bytes_list.value),
+            fps=float(_one(feature, "video/fps", "float_list", clip_id, where)),
+            split=_one(feature, "split", "bytes_list", clip_id, where).decode("utf-8"),
+        )
+    except UnicodeDecodeError as e:
+        raise TFRecordError(*where, f"text that is not UTF-8 ({e})") from None

@@ -312,7 +312,8 @@ def run(config, workdir: str, stages=None) -> list[common.Study]:
     multihost.sync("workdir checked")  # before process 0 rewrites config.json
     multihost.write_text(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     enable_compilation_cache(workdir)
-    studies = [common.Study(seed_config(config, seed), seed_dir(workdir, seed), mesh) for seed in config.seeds]
+    studies = [common.Study(seed_config(config, seed), seed_dir(workdir, seed), mesh, run_dir=workdir)
+               for seed in config.seeds]
     with jax.set_mesh(mesh):
         for study in studies:
             study.workdir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 covering, seeded shuffles, exact resume (in process, through orbax, and with worker processes),
 the Qwen2-Audio transform plugged in, global jax.Arrays on the 8-device mesh, bad records."""
 import dataclasses
+import json
 import pickle
 
 import grain
@@ -196,7 +197,7 @@ def test_qwen2_audio_transform_plugs_in(paths, tokenizer_dir):
     tok = prompts.load_tokenizer(tokenizer_dir)
     assert len(batches) == 5 and _valid_ids(batches)[:3] == ["clip000", "clip001", "clip002"]
     assert set(batches[0]) == {"input_features", "feature_attention_mask", "input_ids", "attention_mask",
-                               "clip_id", "index", "valid", "label", "answer"}
+                               "clip_id", "index", "valid", "label", "answer", "data_error"}
     for b in batches:
         np.testing.assert_array_equal(b["index"][b["valid"] == 1],
                                       [int(c[4:]) for c, v in zip(b["clip_id"], b["valid"]) if v])
@@ -271,16 +272,21 @@ def test_corrupt_record_raises_or_is_skipped(paths, tmp_path):
     with pytest.raises(tfrecord.TFRecordError, match="bad.tfrecord: record at byte offset 0: data CRC mismatch"):
         _batches([paths[0], str(bad)], config)
     skipping = _config(shuffle=False, drop_remainder=False, on_error="skip")
-    batches = _batches([paths[0], str(bad)], skipping)
+    reported = []
+    batches = _batches([paths[0], str(bad)], skipping, on_data_error=reported.append)
     assert len(batches) == 5  # the same steps as without the bad record
     assert _valid_ids(batches) == [f"clip{i:03d}" for i in range(NUM_CLIPS) if i != 20]
     row = list(batches[2]["clip_id"]).index("clip016")  # the batch of records 16..23 holds the skip
-    assert batches[2]["valid"][row:row + 5].tolist() == [1, 1, 1, 1, 0]  # clip 20's row: a copy, invalid
+    # clip 20's row: the next readable record stands in, invalid, with the error
+    assert batches[2]["valid"][row:row + 5].tolist() == [1, 1, 1, 1, 0] and batches[2]["clip_id"][row + 4] == "clip021"
+    assert json.loads(batches[2]["data_error"][row + 4])["reason"].startswith("data CRC mismatch")
+    assert [e["offset"] for e in reported] == [0] and reported[0]["path"] == str(bad)  # reported once, named
 
 
 def test_bad_inputs_are_named(paths):
     wrong = ["other"] + CLASSES[1:]  # a class list that is not the one the records were written with
-    with pytest.raises(ValueError, match=r"clip clip000: label 'class 00' \(index 0\) does not match the class list"):
+    with pytest.raises(tfrecord.TFRecordError, match=r"a.tfrecord: record at byte offset 0 \(clip clip000\): label "
+                                                     r"'class 00' \(index 0\) does not match the class list"):
         _batches(paths, _config(shuffle=False), question_maker=QuestionMaker(CLASSES), class_names=wrong)
     with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 hosts"):
         make_dataset(paths, CLASSES, config=_config(), process_index=0, process_count=3)

@@ -1,5 +1,6 @@
 """data_pipelines.tfrecord: CRC-32C and TFRecord framing against independent references, round
 trips, corrupt and truncated files, and clip examples parsed back by tfds's NumPy parser."""
+import json
 import os
 import pickle
 import struct
@@ -120,9 +121,11 @@ def test_flipped_length_byte_is_a_header_error(tmp_path):
     _flip(path, offset + 1)  # the second record's length field
     with pytest.raises(tfrecord.TFRecordError, match=f"h.tfrecord: record at byte offset {offset}: length CRC"):
         tfrecord.TFRecordDataSource(path)
-    skipping = tfrecord.TFRecordDataSource(path, on_error="skip")
-    assert len(skipping) == 1 and skipping[0] == records[0]
-    assert len(skipping.problems) == 1 and f"offset {offset}" in skipping.problems[0]
+    skipping = tfrecord.TFRecordDataSource(path, on_error="skip")  # resumes at the third record
+    assert [skipping[i] for i in range(len(skipping))] == [records[0], records[2]]
+    (problem,) = skipping.problems
+    assert problem["offset"] == offset and problem["end"] == offset + len(records[1]) + 16
+    assert "length CRC mismatch" in problem["reason"]
 
 
 @pytest.mark.parametrize("cut", [3, 9, 20])  # inside the footer, the header, the data of the last record
@@ -138,7 +141,7 @@ def test_truncated_file(tmp_path, cut):
         tfrecord.TFRecordDataSource(path)
     skipping = tfrecord.TFRecordDataSource(path, on_error="skip")
     assert [skipping[i] for i in range(len(skipping))] == records[:2]
-    assert "truncated" in skipping.problems[0]
+    assert "truncated" in skipping.problems[0]["reason"] and skipping.problems[0]["offset"] == last
 
 
 def _clip(**overrides):
@@ -182,12 +185,100 @@ def test_clip_example_parses_back_with_tfds_numpy_parser():
         == (clip.clip_id, clip.start_sec, clip.label_index, clip.label_name, clip.sample_rate, clip.fps, clip.split)
 
 
-def test_example_missing_or_bad_feature_is_named():
+def _bad_contents() -> dict[str, tuple[bytes, str]]:
+    """Records whose framing and CRCs are fine but whose content is not a clip -> (bytes, reason)."""
     from tensorflow_datasets.proto import tf_example_pb2
 
-    example = tf_example_pb2.Example.FromString(tfrecord.clip_to_example(_clip()))
-    del example.features.feature["audio/sample_rate"]
-    with pytest.raises(ValueError, match=r"clip abc_000010: example lacks features \['audio/sample_rate'\]"):
-        tfrecord.example_to_clip(example.SerializeToString())
+    def edited(edit):
+        example = tf_example_pb2.Example.FromString(tfrecord.clip_to_example(_clip()))
+        edit(example.features.feature)
+        return example.SerializeToString()
+
+    def odd_pcm(feature):
+        feature["audio/pcm16"].bytes_list.value[0] += b"\x01"
+
+    def empty_id(feature):
+        feature["clip/id"].bytes_list.value[0] = b""
+
+    return {"missing feature": (edited(lambda f: f.__delitem__("audio/sample_rate")),
+                                r"\(clip abc_000010\): example lacks features \['audio/sample_rate'\]"),
+            "empty clip id": (edited(empty_id), "feature 'clip/id' is empty"),
+            "odd-length PCM": (edited(odd_pcm), r"\(clip abc_000010\): audio/pcm16 has 3203 bytes"),
+            "not a protobuf": (b"\xff\xfe\x00 this is not a protobuf", "not a tf.train.Example")}
+
+
+@pytest.mark.parametrize("kind", ["missing feature", "empty clip id", "odd-length PCM", "not a protobuf"])
+def test_bad_record_content_is_a_tfrecord_error_naming_file_and_offset(tmp_path, kind):
+    data, reason = _bad_contents()[kind]
+    good = tfrecord.clip_to_example(_clip())
+    path = _write(tmp_path / "bad.tfrecord", [good, data])
+    source = tfrecord.TFRecordDataSource(path)
+    offset = len(good) + 16
+    assert source.location(1) == (str(path), offset)
+    with pytest.raises(tfrecord.TFRecordError, match=f"bad.tfrecord: record at byte offset {offset}.*{reason}"):
+        tfrecord.example_to_clip(source.read(1), source.location(1))
     with pytest.raises(ValueError, match="pcm16 must be 1-D int16"):
         tfrecord.clip_to_example(_clip(pcm16=np.zeros(4, np.float32)))
+
+
+def _fuzz_file(tmp_path, count=8):
+    clips = [_clip(clip_id=f"clip{i:03d}", pcm16=np.random.default_rng(i).integers(-9, 9, 400 + 37 * i, np.int16))
+             for i in range(count)]
+    records = [tfrecord.clip_to_example(c) for c in clips]
+    path = _write(tmp_path / "fuzz.tfrecord", records)
+    bounds = np.cumsum([0] + [len(r) + 16 for r in records])
+    return open(path, "rb").read(), [c.clip_id for c in clips], bounds
+
+
+def _read_all(path, on_error):
+    """Every clip id a pipeline reader gets from `path`, and the errors it reports (skip mode)."""
+    from data_pipelines.pipeline import ReadExample
+    from data_pipelines.questions import QuestionMaker
+
+    source = tfrecord.TFRecordDataSource(path, on_error=on_error)
+    errors = list(source.problems)
+    classes = [f"class {i}" for i in range(7)] + ["cattle, bovinae cowbell"]
+    read = ReadExample(source, classes, QuestionMaker(classes, num_options=4), decode_frames=False)
+    ids = []
+    for i in range(len(source)):
+        example = read((i, 1))
+        if example["data_error"]:
+            errors.append(json.loads(example["data_error"]))
+        else:
+            ids.append(example["clip_id"])
+    return ids, errors
+
+
+def test_fuzzed_files_fail_only_with_named_errors_and_skip_loses_exactly_the_corrupted_records(tmp_path):
+    """600 seeded corruptions of a file of 8 real clip records (300 bit flips, 300 truncations):
+    reading with on_error="raise" either succeeds or raises a TFRecordError naming the file and an
+    offset; with "skip" the reader returns every record the corruption did not touch, in order,
+    and reports one error per corrupted record."""
+    original, ids, bounds = _fuzz_file(tmp_path)
+    path = tmp_path / "corrupt.tfrecord"
+    rng = np.random.default_rng(0)
+    outcomes = {"raised": 0, "clean": 0}
+    for trial in range(600):
+        data = bytearray(original)
+        if trial % 2:
+            cut = int(rng.integers(1, len(original)))
+            data = data[:cut]
+            hit = [k for k in range(len(ids)) if bounds[k + 1] > cut]  # records not wholly kept
+            corrupted = 1 if cut not in bounds else 0  # a cut mid-record leaves one torn record
+        else:
+            at = int(rng.integers(0, len(original)))
+            data[at] ^= 1 << int(rng.integers(0, 8))
+            hit = [int(np.searchsorted(bounds, at, side="right") - 1)]
+            corrupted = 1
+        path.write_bytes(bytes(data))
+        try:
+            _read_all(path, "raise")
+            outcomes["clean"] += 1
+        except tfrecord.TFRecordError as e:  # any other exception type fails the test
+            assert str(path) in str(e) and "byte offset" in str(e), str(e)
+            outcomes["raised"] += 1
+        kept, errors = _read_all(path, "skip")
+        assert kept == [c for k, c in enumerate(ids) if k not in hit], (trial, kept)
+        assert len(errors) == corrupted, (trial, errors)
+        assert all(e["path"] == str(path) and e["reason"] for e in errors)
+    assert outcomes["raised"] >= 590, outcomes  # every flip (CRC-32C sees any one bit) and every cut inside a record

@@ -18,6 +18,8 @@ Layout of one seed's workdir:
     labels/               train-split scores of both models, switch probabilities, labels per mode
     distill/<mode>/       orbax checkpoints, metrics.jsonl + TensorBoard events, PEFT adapter
     results.json          this seed's tables (the run's report pools the seeds one level up)
+The run's workdir (above the seeds) also holds data_errors.jsonl: every record skipped with
+config.data.on_error="skip" (distill_jax/data_errors.py).
     timings.json          seconds of each stage's latest run
 """
 from __future__ import annotations
@@ -46,12 +48,15 @@ class Study:
     config: object  # ml_collections.ConfigDict (locked)
     workdir: epath.Path
     mesh: object
+    run_dir: epath.Path | None = None  # the run's workdir (seeds' parent): data_errors.jsonl; None: workdir
     _manifest: dict | None = None
+    _data_errors: object = None
     _transforms: dict = dataclasses.field(default_factory=dict)
     _paddings: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.workdir = multihost.path(self.workdir)
+        self.run_dir = multihost.path(self.run_dir or self.workdir)
 
     # ---- roles and paths ----------------------------------------------------------------------
     @property
@@ -94,6 +99,17 @@ class Study:
     def num_examples(self, split: str) -> int:
         self.split_paths(split)  # names a missing split
         return int(self.manifest["splits"][split]["num_examples"])
+
+    @property
+    def data_errors(self):
+        """This run's log of skipped records (distill_jax/data_errors.py)."""
+        if self._data_errors is None:
+            from distill_jax.data_errors import DataErrorLog
+
+            self._data_errors = DataErrorLog(self.run_dir, seed=self.config.seed,
+                                             max_fraction=self.config.data.max_error_fraction,
+                                             split_size=self.num_examples)
+        return self._data_errors
 
     def num_options(self) -> int:
         data = self.config.data
@@ -166,7 +182,7 @@ class Study:
             config=self._pipeline_config(modality, batch_size=batch_size, train=train, num_epochs=num_epochs,
                                          seed=seed),
             transform=self.transform(modality, tokenizer_dir), padding=self.padding(modality, split, tokenizer_dir),
-            targets=targets, question_maker=self.question_maker(),
+            targets=targets, question_maker=self.question_maker(), on_data_error=self.data_errors.reporter(split),
             **(dict(process_index=0, process_count=1) if all_hosts else {}))
 
     # ---- models -------------------------------------------------------------------------------

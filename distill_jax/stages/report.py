@@ -243,6 +243,13 @@ def build(studies: list) -> dict:
                "clips": {split: first.num_examples(split) for split in splits},
                "findings": findings(studies, seed_results, records), **aggregate(studies, seed_results),
                "design": design(first), "per_seed": seed_results}
+    from distill_jax import data_errors
+
+    results["data_errors"] = {"on_error": first.config.data.on_error,
+                              "max_error_fraction": first.config.data.max_error_fraction,
+                              "skipped": data_errors.summary(data_errors.read_all(first.run_dir))}
+    for row in results["data_errors"]["skipped"]:
+        row["of"] = first.num_examples(row["split"])
     timings = [study.path("timings.json") for study in studies]
     results["timings_s"] = {}
     for path, result in zip(timings, seed_results):
@@ -336,10 +343,26 @@ def markdown(results: dict) -> str:
         lines += ["", f"## Modality gap, {results['modality_gap']['split']} (%)" +
                   (", mean over seeds" if len(seeds) > 1 else ""), "",
                   markdown_table(results["modality_gap"]["rows"], ["class", "audio", "visual", "difference"])]
+    lines += data_errors_section(results)
     if results.get("timings_s"):
         lines += ["", "Stage wall times (s): " + "; ".join(
             f"seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for seed, t in results["timings_s"].items())]
     return "\n".join(lines) + "\n"
+
+
+def data_errors_section(results: dict) -> list[str]:
+    errors = results.get("data_errors")
+    if not errors:
+        return []
+    lines = ["", "## Data errors", ""]
+    if not errors["skipped"]:
+        return lines + [f"No record was skipped (on_error={errors['on_error']!r})."]
+    lines += ["| seed | split | skipped records / byte ranges | of records | reasons |", "|---|---|---|---|---|"]
+    for row in errors["skipped"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in row["reasons"].items())
+        lines.append(f"| {row['seed']} | {row['split']} | {row['skipped']} | {row['of']} | {reasons} |")
+    return lines + ["", f"Each skipped record is listed with its file, offset, clip id and reason in data_errors.jsonl "
+                        f"(the run stops past {100 * errors['max_error_fraction']:g} % of a split)."]
 
 
 def per_class_section(results: dict) -> list[str]:
