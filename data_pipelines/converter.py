@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 
@@ -36,6 +39,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import media, tfrecord
+from distill_jax import faults
 
 LABEL_NOT_IN_CLASSES = "label not in class list"
 DECODER_CRASHED = "decoder crashed"
@@ -81,8 +85,6 @@ def shard_name(name: str, split: str, index: int, count: int) -> str:
 def _convert_one(task):
     """Worker: (row, label_index, options) -> ("ok", example bytes, silent) or ("skip", kind, detail)."""
     row, label_index, options = task
-    from distill_jax import faults
-
     faults.crash_if_clip(row.clip_id)
     try:
         pcm, jpegs = media.decode_clip(row.path, start_sec=row.start_sec, max_seconds=options.max_seconds,
@@ -100,8 +102,16 @@ def _convert_one(task):
     return ("ok", tfrecord.clip_to_example(clip), silent)
 
 
+def die_with_parent() -> None:
+    """Worker initializer: on Linux the kernel kills this process when its parent dies (a
+    `kill -9` of the converter would otherwise leave its workers blocked on a queue forever)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=die_with_parent)
 
 
 def _alone(task) -> tuple:
@@ -234,6 +244,7 @@ def convert(plan: Mapping[str, Sequence[ClipRow]], out_dir, *, name: str, classe
             results[path] = {"planned": [r.clip_id for r in chunk], "decode_options": dataclasses.asdict(options),
                              "written": written, "skipped": shard_skipped, "silent": silent}
             _write_json(path + ".json", results[path])
+            faults.point("shard")
     finally:
         bar.close()
         outputs.close()

@@ -524,7 +524,9 @@ def generate(out_dir, config: WorldConfig = WorldConfig(), *, workers: int | Non
              for ytid, split, c, number in plan]
     workers = os.cpu_count() if workers is None else workers
     if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        from data_pipelines.converter import die_with_parent
+
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=die_with_parent) as pool:
             for _ in pool.imap_unordered(_write_clip, tasks, chunksize=8):
                 pass
     else:

@@ -47,14 +47,13 @@ class DataErrorLog:
 
     def add(self, split: str, error: dict) -> None:
         entry = {"seed": self.seed, "split": split, **error}
-        if _key(entry) in self._seen:
-            return
-        self._seen.add(_key(entry))
-        self.entries.append(entry)
-        multihost.write_own_lines(self.path, self.entries)
-        clip = f" (clip {entry['clip_id']})" if entry.get("clip_id") else ""
-        print(f"data error, skipped: split {split}: {entry['path']} at byte {entry['offset']}{clip}: "
-              f"{entry['reason']} [{self.path}]", flush=True)
+        if _key(entry) not in self._seen:  # met before (another epoch, stage or run): logged once
+            self._seen.add(_key(entry))
+            self.entries.append(entry)
+            multihost.write_own_lines(self.path, self.entries)
+            clip = f" (clip {entry['clip_id']})" if entry.get("clip_id") else ""
+            print(f"data error, skipped: split {split}: {entry['path']} at byte {entry['offset']}{clip}: "
+                  f"{entry['reason']} [{self.path}]", flush=True)
         count, total = self.count(split), self.split_size(split)
         if count > self.max_fraction * total:
             raise DataError(f"split {split!r}: {count} unreadable records or byte ranges of its {total} records, "

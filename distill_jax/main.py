@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill_jax import multihost, sharding
+from distill_jax import faults, multihost, sharding
+from distill_jax.lock import WorkdirBusyError, WorkdirLock
 from distill_jax.stages import common
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -259,6 +261,23 @@ def check_workdir(config, workdir) -> None:
               "reused as they are (delete a stage's outputs to redo it)", flush=True)
 
 
+def remove_leftovers(workdir) -> None:
+    """Temporary files and directories of writes a killed run never finished (multihost.write_own,
+    atomic_dir: ".<name>.<id>.tmp" / ".old"), removed by the run that holds the workdir's lock.
+    Local workdirs only (listing a bucket would cost more than the few stray objects)."""
+    if multihost.is_remote(workdir) or not workdir.exists():
+        return
+    stale = [os.path.join(root, name) for root, dirs, files in os.walk(workdir)
+             for name in dirs + files if name.startswith(".") and name.endswith((".tmp", ".old"))]
+    for path in stale:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):  # (not inside a directory removed just before)
+            os.remove(path)
+    if stale:
+        print(f"note: removed {len(stale)} temporary file(s) of a run that was interrupted", flush=True)
+
+
 def make_mesh(config):
     try:
         return sharding.make_mesh(dict(config.mesh))
@@ -299,16 +318,43 @@ def _record_time(timings_file, stage: str, seconds: float) -> None:
 def run(config, workdir: str, stages=None) -> list[common.Study]:
     """Run `stages` (default: the config's) of the study into `workdir`, once per seed of
     `config.seeds` (in `workdir/seed_<s>/`), then the report over all seeds (in `workdir`)."""
-    from distill_jax.stages import distill, evaluate, label, prepare, report, switch, warm_start
-
-    modules = {"prepare": prepare, "warm_start": warm_start, "evaluate": evaluate, "switch": switch,
-               "label": label, "distill": distill}
     stages = list(stages or config.stages)
     check_config(config, stages)
     mesh = make_mesh(config)
     check_batch_sizes(config, mesh)
     workdir = multihost.path(workdir)
+    lock = WorkdirLock(workdir)
+    try:
+        lock.acquire()
+        refused = None
+    except WorkdirBusyError as e:
+        refused = e
+    if _any_host(refused is not None):
+        raise refused or WorkdirBusyError(f"process 0 could not lock workdir {workdir} (see its log)")
+    try:
+        return _run_locked(config, workdir, stages, mesh)
+    finally:
+        lock.release()
+
+
+def _any_host(flag: bool) -> bool:
+    """Whether `flag` holds on process 0 (every host gets its answer)."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _run_locked(config, workdir, stages, mesh) -> list[common.Study]:
+    from distill_jax.stages import distill, evaluate, label, prepare, report, switch, warm_start
+
+    modules = {"prepare": prepare, "warm_start": warm_start, "evaluate": evaluate, "switch": switch,
+               "label": label, "distill": distill}
     check_workdir(config, workdir)
+    if multihost.is_main():
+        remove_leftovers(workdir)
     multihost.sync("workdir checked")  # before process 0 rewrites config.json
     multihost.write_text(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     enable_compilation_cache(workdir)
@@ -322,6 +368,7 @@ def run(config, workdir: str, stages=None) -> list[common.Study]:
                 if stage not in stages or stage == "report":
                     continue
                 start = time.perf_counter()
+                faults.set_stage(stage)
                 print(f"== {tag}{stage}", flush=True)
                 modules[stage].run(study)
                 multihost.sync(f"{stage} of seed {study.config.seed}")  # its outputs are complete on every host
@@ -329,6 +376,7 @@ def run(config, workdir: str, stages=None) -> list[common.Study]:
                 print(f"== {tag}{stage} done in {seconds:.1f} s", flush=True)
                 _record_time(study.path("timings.json"), stage, seconds)  # seconds of each stage's latest run
         if "report" in stages:
+            faults.set_stage("report")
             print("== report", flush=True)
             report.run(studies, workdir)
     return studies

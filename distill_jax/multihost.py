@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from distill_jax import faults
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, mode: str = "auto") -> None:
@@ -83,6 +85,7 @@ def write_own(target, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_bytes(data)
+    faults.point("write")
     tmp.replace(target)
 
 
@@ -168,6 +171,48 @@ def local_file(p) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(p.read_bytes())
     return str(target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target, *, last: str):
+    """A local directory to write all of directory `target`'s files into; on success it becomes
+    `target` whole (an existing `target` is replaced). Local: a temporary sibling renamed into
+    place, so a reader (or a rerun) sees the old directory or the new one, never a part. Remote
+    (gs:// has no directory rename): the files are uploaded with `last` (the file that marks
+    the directory complete, e.g. config.json) after all the others, an existing `last` removed
+    first. Every host may call it; only process 0's files are kept."""
+    target = path(target)
+    if not is_main():
+        with tempfile.TemporaryDirectory() as discarded:
+            yield discarded
+        return
+    if is_remote(target):
+        with tempfile.TemporaryDirectory() as local_dir:
+            yield local_dir
+            if (target / last).exists():
+                (target / last).unlink()
+            files = sorted(pathlib.Path(local_dir).rglob("*"), key=lambda p: p.name == last)
+            for source in files:
+                if source.is_file():
+                    write_own(target / str(source.relative_to(local_dir)), source.read_bytes())
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        yield str(tmp)
+        if not (tmp / last).exists():
+            raise FileNotFoundError(f"{target}: {last} was not written; the directory is not complete")
+        faults.point("dir")
+        old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            old.rmtree()
+    finally:
+        if tmp.exists():
+            tmp.rmtree()
 
 
 @contextlib.contextmanager

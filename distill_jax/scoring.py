@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill_jax import multihost
+from distill_jax import faults, multihost
 from distill_jax.train.loop import batch_sharding, local_rows, place
 
 
@@ -51,6 +51,7 @@ def score_split(dataset, compute: Callable, record: Callable[[dict, int, np.ndar
         if finished(i // chunk_batches):
             continue  # scored by an earlier run
         values = local_rows(compute(place(batch, mesh), static_inputs(batch)))
+        faults.point("score_batch")
         for row in np.flatnonzero(np.asarray(batch["valid"])):
             pending.append({**record(batch, row, values[row]), "index": int(batch["index"][row])})
         if (i + 1) % chunk_batches == 0:

@@ -116,3 +116,20 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return str(path), model
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny toy study (configs/toy.py:tiny=1), run once in this process: the uninterrupted
+    reference of the study tests. Its fault points (distill_jax/faults.py) are logged to
+    <workdir>.points, which the kill test draws from."""
+    from configs import toy
+    from distill_jax import main
+
+    workdir = str(tmp_path_factory.mktemp("study"))
+    os.environ["DISTILL_JAX_FAULT_LOG"] = workdir + ".points"
+    try:
+        main.run(toy.get_config("tiny=1"), workdir)
+    finally:
+        del os.environ["DISTILL_JAX_FAULT_LOG"]
+    return workdir

@@ -72,6 +72,33 @@ def test_wrong_shape_is_named(tiny_qwen2_dir, tmp_path):
         load_hf(dst)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_a_tensor_of_another_kind_is_refused_not_cast(tiny_qwen2_dir, tmp_path, dtype):
+    src, _ = tiny_qwen2_dir()
+    key = "model.layers.1.mlp.down_proj.weight"
+    dst = _rewrite(src, str(tmp_path / "ckpt"), lambda t: {**t, key: (t[key] * 100).astype(dtype)})
+    kind = "bool" if dtype is np.bool_ else "int"
+    with pytest.raises(CheckpointMismatchError, match=rf"{key}: checkpoint dtype {np.dtype(dtype)} \({kind}\), model "
+                                                      r"model.layers.1.mlp.down_proj.kernel expects float32 \(float\)"):
+        load_hf(dst)
+
+
+def test_a_truncated_checkpoint_names_the_file_and_first_cut_tensor(tiny_qwen2_dir, tmp_path):
+    src, _ = tiny_qwen2_dir()
+    dst = tmp_path / "cut"
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    header = json.loads(file.read_bytes()[8:8 + int.from_bytes(file.read_bytes()[:8], "little")])
+    tensors = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    (start, end), first = tensors[len(tensors) // 2]
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.truncate(size - (tensors[-1][0][1] - start) + 1)  # cut inside the middle tensor
+    with pytest.raises(ValueError, match=rf"model.safetensors: truncated .*tensor '{first}' needs data bytes "
+                                         rf"{start}..{end}"):
+        load_hf(str(dst))
+
+
 def test_tied_checkpoint_may_carry_lm_head_copy(tiny_qwen2_dir, tmp_path):
     src, _ = tiny_qwen2_dir(tie_word_embeddings=True)
     assert "lm_head.weight" not in SafetensorsCheckpoint(src)

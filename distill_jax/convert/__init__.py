@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -152,8 +153,9 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
     LoRA adapters are not written (export them with `models.lora.export_peft`); tied
     embeddings are written once. `tokenizer_dir`'s files are copied alongside, so the
     directory is self-contained like a hub checkpoint. Every host calls it (sharded parameters
-    are gathered); process 0 writes, each file atomically and config.json last: a directory with
-    config.json is complete. `path` may be gs://.
+    are gathered); process 0 writes the directory whole (multihost.atomic_dir: a local directory
+    is renamed into place; on gs:// config.json goes last), so a directory with config.json is
+    complete. `path` may be gs://.
     """
     import numpy as np
     from safetensors.numpy import save
@@ -168,14 +170,14 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
         key, fn = key_map.checkpoint_key(".".join(str(p) for p in key_path))
         tensors[key] = np.ascontiguousarray(fn(np.asarray(multihost.to_host(var.get_value()), np.float32)))
     out = multihost.path(path)
-    if multihost.is_main() and (out / "config.json").exists():
-        (out / "config.json").unlink()  # an overwritten directory is incomplete until the end
-    multihost.write_bytes(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    if tokenizer_dir is not None:
-        for source in multihost.path(tokenizer_dir).iterdir():
-            if source.is_file():
-                multihost.write_bytes(out / source.name, source.read_bytes())
-    multihost.write_text(out / "config.json", json.dumps(model.config.to_hf(), indent=2, sort_keys=True))
+    with multihost.atomic_dir(out, last="config.json") as staging:
+        staging = pathlib.Path(staging)
+        (staging / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
+        if tokenizer_dir is not None:
+            for source in multihost.path(tokenizer_dir).iterdir():
+                if source.is_file():
+                    (staging / source.name).write_bytes(source.read_bytes())
+        (staging / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2, sort_keys=True))
     multihost.sync(f"save_hf {out}")
     return str(out)
 

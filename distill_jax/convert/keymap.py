@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
@@ -119,6 +120,14 @@ def raise_on_mismatch(what: str, missing: list[str], unexpected: list[str], mism
         raise CheckpointMismatchError(f"{what}: " + " | ".join(parts))
 
 
+def _kind(dtype) -> str:
+    """"float", "int" or "bool": a checkpoint tensor must be of its parameter's kind."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return "bool"
+    return "float" if jnp.issubdtype(dtype, jnp.floating) else "int"
+
+
 def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
@@ -148,6 +157,11 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
         got = tuple(fn(np.broadcast_to(np.zeros((), np.uint8), ckpt.shape(key))).shape)
         if got != expected:
             mismatched.append(f"{key}: checkpoint shape {ckpt.shape(key)} -> {got}, model {name} expects {expected}")
+            continue
+        stored, wanted = ckpt.tensors[key].dtype, var.get_value().dtype
+        if _kind(stored) != _kind(wanted):  # casting bool/int values into float weights would be silently wrong
+            mismatched.append(f"{key}: checkpoint dtype {stored} ({_kind(stored)}), model {name} expects "
+                              f"{np.dtype(wanted)} ({_kind(wanted)})")
             continue
         plan.append((path, var, key, fn))
     unexpected = sorted(k for k in ckpt.keys() if k not in used and not key_map.ignored(k))

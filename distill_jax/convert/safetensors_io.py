@@ -30,6 +30,9 @@ class TensorInfo:
 
 
 def _read_header(file: str) -> dict[str, TensorInfo]:
+    """The tensors of one file; a byte range past the end of the file (a cut download) names the
+    file and the first tensor it cuts."""
+    file_size = os.path.getsize(file)
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -51,6 +54,14 @@ def _read_header(file: str) -> dict[str, TensorInfo]:
         if end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"{file}: tensor {name!r} byte range does not match its shape {shape}")
         infos[name] = TensorInfo(file, dtype, shape, 8 + size + start)
+    available = file_size - 8 - size
+    cut = sorted((meta["data_offsets"][1], name) for name, meta in header.items()
+                 if name != "__metadata__" and meta["data_offsets"][1] > available)
+    if cut:
+        end, name = min(cut, key=lambda c: header[c[1]]["data_offsets"][0])
+        raise ValueError(f"{file}: truncated ({file_size} bytes): tensor {name!r} needs data bytes "
+                         f"{header[name]['data_offsets'][0]}..{end} but the file holds {max(available, 0)}; "
+                         f"{len(cut)} tensors cut (an interrupted download or copy?)")
     return infos
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 
 import jax
@@ -183,8 +184,9 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
-    out = multihost.path(out_dir)  # every host gathers the adapters; process 0 writes, each file atomically,
-    multihost.write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2))
-    multihost.write_bytes(out / "adapter_model.safetensors", save(tensors))  # ... the weights last
+    out = multihost.path(out_dir)  # every host gathers the adapters; process 0 writes the directory whole
+    with multihost.atomic_dir(out, last="adapter_model.safetensors") as staging:
+        pathlib.Path(staging, "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        pathlib.Path(staging, "adapter_model.safetensors").write_bytes(save(tensors))
     multihost.sync(f"export_peft {out}")
     return str(out_dir)

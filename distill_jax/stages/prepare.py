@@ -42,6 +42,6 @@ def _prepare(study) -> None:
                             "--fps", str(world.fps), "--workers", str(world.workers or os.cpu_count())])
     tokenizer_dir = study.path("tokenizer")
     if not (tokenizer_dir / "tokenizer.json").exists():
-        with multihost.staged(tokenizer_dir) as out:
+        with multihost.atomic_dir(tokenizer_dir, last="tokenizer.json") as out:  # whole or not at all
             make_qwen2_tokenizer(out, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB)
     converter.print_report(study.manifest)

@@ -39,7 +39,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distill_jax import multihost
+from distill_jax import faults, multihost
 
 SCHEDULES = ("warmup_cosine", "constant")
 
@@ -315,6 +315,7 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
             state, metrics = step_fn(state, frozen, place(batch, mesh), static_inputs(batch))
             step += 1
             pending.append((step, metrics))
+            faults.point("train_step")
             if order_log is not None:
                 order_log.write(json.dumps({"step": step, "clip_ids": [str(c) for c in batch["clip_id"]]}) + "\n")
                 order_log.flush()  # survives a kill
@@ -325,6 +326,7 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
             if due_save:
                 checkpointer.save(state, batches, force=step == loop.steps)
                 last_good = step
+                faults.point("checkpoint_write")  # orbax writes in the background: a kill here tears it
             if window and due_log:
                 finite = [m for m in window if bool(m["finite"])] or window  # skipped steps' NaNs kept out
                 averages = {k: float(np.mean([float(m[k]) for m in finite])) for k in window[0]
