@@ -248,7 +248,11 @@ def check_workdir(config, workdir) -> None:
     previous_file = workdir / "config.json"
     if not previous_file.exists():
         return
-    previous = multihost.read_json(previous_file)
+    try:
+        previous = multihost.read_json(previous_file)
+    except json.JSONDecodeError as e:  # torn by a version that wrote it in place: rewritten below
+        print(f"note: {previous_file} is not readable JSON ({e}); it is rewritten by this run", flush=True)
+        previous = {}
     seeds = sorted(n.name for n in workdir.iterdir() if n.name.startswith("seed_"))
     directed = sorted({d for n in seeds for d in _DIRECTED_OUTPUTS if (workdir / n / d).exists()})
     if previous.get("direction") != config.direction and directed:

@@ -180,3 +180,24 @@ def test_skip_mode_logs_counts_and_reports_a_corrupt_record_and_stops_past_the_f
     with pytest.raises(DataError, match=rf"split 'test': 1 unreadable records or byte ranges of its {clips} "
                                         rf"records, over config.data.max_error_fraction=.*data_errors.jsonl"):
         main.run(config, str(workdir), ["evaluate"])
+
+
+def test_a_partial_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):
+    """A run killed while appending to a JSONL log leaves half a line: the resumed run drops it
+    (and the steps after its checkpoint), naming the file; a bad line elsewhere is an error."""
+    from distill_jax.train.loop import _truncate_log
+
+    log = tmp_path / "batches.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "clip_')
+    _truncate_log(multihost.path(log), 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert f"warning: {log}: dropped a partial last line" in capsys.readouterr().out
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=rf"{log}: line 2 is not JSON"):
+        _truncate_log(multihost.path(log), 2)
+
+
+def test_a_torn_config_json_does_not_lock_the_workdir_out(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"direction": "vl_to_au')
+    main.check_workdir(toy.get_config("tiny=1"), multihost.path(tmp_path))
+    assert "config.json is not readable JSON" in capsys.readouterr().out
