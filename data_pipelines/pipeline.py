@@ -313,6 +313,28 @@ class _ReportingIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+def index_problems(source: tfrecord.TFRecordDataSource) -> list[dict]:
+    """One error per file whose framing is broken: its unreadable byte ranges, and how many
+    records they cost (`records`: the file's converter sidecar `<file>.json` lists what was
+    written; None when there is no sidecar to count from)."""
+    by_file: dict[str, list[dict]] = {}
+    for problem in source.problems:
+        by_file.setdefault(problem["path"], []).append(problem)
+    errors = []
+    for path, problems in by_file.items():
+        lost = None
+        try:
+            from etils import epath
+
+            written = json.loads(epath.Path(path + ".json").read_text())["written"]
+            lost = len(written) - source.file_counts[source.paths.index(path)]
+        except (OSError, ValueError, KeyError):
+            pass
+        errors.append({"path": path, "offset": problems[0]["offset"], "clip_id": None, "records": lost,
+                       "reason": "; ".join(p["reason"] for p in problems)})
+    return errors
+
+
 def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: PipelineConfig,
                  transform: Callable[[dict], dict] | None = None, padding: Mapping[str, Pad] | None = None,
                  targets: Callable[[dict], dict] | None = None,
@@ -333,8 +355,8 @@ def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: Pi
     local_batch = config.batch_size // process_count
     source = tfrecord.TFRecordDataSource(paths, on_error=config.on_error)
     if on_data_error is not None:
-        for problem in source.problems:
-            on_data_error({**problem, "clip_id": None})
+        for problem in index_problems(source):
+            on_data_error(problem)
     num_records = len(source)
     if num_records == 0:
         raise ValueError(f"no records in {len(source.paths)} files: {source.paths[:3]}")

@@ -275,6 +275,7 @@ class TFRecordDataSource:
             offsets.append(o)
             lengths.append(n)
             self.problems.extend(problems)
+        self.file_counts = [len(o) for o in offsets]  # records indexed per file
         self._file_ids = np.concatenate(file_ids)
         self._offsets = np.concatenate(offsets)
         self._lengths = np.concatenate(lengths)

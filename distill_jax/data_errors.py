@@ -26,6 +26,13 @@ def log_path(directory):
     return multihost.path(directory) / name
 
 
+def lost(entry: dict) -> int:
+    """Records an entry cost: 1 for a skipped record; for a broken byte range, the records its
+    file's converter sidecar says are missing (at least 1; 1 when it cannot be counted)."""
+    records = entry.get("records")
+    return 1 if records is None else max(int(records), 1)
+
+
 def _key(entry: dict) -> tuple:
     return (entry.get("seed"), entry["split"], entry["path"], entry["offset"], entry["reason"])
 
@@ -43,7 +50,8 @@ class DataErrorLog:
         return lambda error: self.add(split, error)
 
     def count(self, split: str) -> int:
-        return sum(1 for e in self.entries if e.get("seed") == self.seed and e["split"] == split)
+        """Records of `split` lost so far (a broken byte range counts the records it cost, at least 1)."""
+        return sum(lost(e) for e in self.entries if e.get("seed") == self.seed and e["split"] == split)
 
     def add(self, split: str, error: dict) -> None:
         entry = {"seed": self.seed, "split": split, **error}
@@ -56,7 +64,7 @@ class DataErrorLog:
                   f"{entry['reason']} [{self.path}]", flush=True)
         count, total = self.count(split), self.split_size(split)
         if count > self.max_fraction * total:
-            raise DataError(f"split {split!r}: {count} unreadable records or byte ranges of its {total} records, "
+            raise DataError(f"split {split!r}: {count} unreadable records of its {total}, "
                             f"over config.data.max_error_fraction={self.max_fraction}; see {self.path}. Repair or "
                             "reconvert the shards, or raise the fraction")
 
@@ -68,12 +76,12 @@ def read_all(directory) -> list[dict]:
 
 
 def summary(entries: list[dict]) -> list[dict]:
-    """Per (seed, split): how many records or byte ranges were skipped, and for what reasons."""
+    """Per (seed, split): how many records were skipped, and for what reasons."""
     groups: dict[tuple, dict] = {}
     for e in entries:
         row = groups.setdefault((e.get("seed"), e["split"]), {"seed": e.get("seed"), "split": e["split"],
                                                               "skipped": 0, "reasons": {}})
-        row["skipped"] += 1
+        row["skipped"] += lost(e)
         reason = e["reason"].split(":")[0].split(";")[0].split("(")[0].strip()
-        row["reasons"][reason] = row["reasons"].get(reason, 0) + 1
+        row["reasons"][reason] = row["reasons"].get(reason, 0) + lost(e)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0] is None, k[0] or 0, k[1]))]

@@ -37,6 +37,9 @@ def score_split(dataset, compute: Callable, record: Callable[[dict, int, np.ndar
 
     out = multihost.path(out)
     if out.exists():
+        if multihost.is_main():  # parts a run killed right after its merge left behind
+            for stale in out.parent.glob(f"{out.name}.parts-*"):
+                stale.rmtree()
         return multihost.read_lines(out)
     chunk_batches = chunk_batches or num_batches
     hosts, me = jax.process_count(), jax.process_index()

@@ -177,9 +177,26 @@ def test_skip_mode_logs_counts_and_reports_a_corrupt_record_and_stops_past_the_f
     (workdir / "seed_0/eval/visual/test.jsonl").unlink()
     config.data.max_error_fraction = 0.5 / clips
     from distill_jax.data_errors import DataError
-    with pytest.raises(DataError, match=rf"split 'test': 1 unreadable records or byte ranges of its {clips} "
-                                        rf"records, over config.data.max_error_fraction=.*data_errors.jsonl"):
+    with pytest.raises(DataError, match=rf"split 'test': 1 unreadable records of its {clips}, over "
+                                        rf"config.data.max_error_fraction=.*data_errors.jsonl"):
         main.run(config, str(workdir), ["evaluate"])
+
+    # A shard cut short: its lost tail is counted in records, from the converter's sidecar.
+    for name in ("audio", "visual"):
+        (workdir / f"seed_0/eval/{name}/test.jsonl").unlink(missing_ok=True)
+    (workdir / "data_errors.jsonl").unlink()
+    with open(shard, "r+b") as f:
+        f.truncate(int(offsets[-5]) + 100)  # inside the fifth-last record
+    config.data.max_error_fraction = 0.1
+    main.run(config, str(workdir), ["evaluate", "report"])
+    entries = [json.loads(line) for line in open(workdir / "data_errors.jsonl")]
+    assert sorted((e["offset"], e.get("records")) for e in entries) == [(int(offsets[2]) - 12, None),
+                                                                         (int(offsets[-5]) - 12, 5)]
+    (cut,) = [e for e in entries if e.get("records")]
+    assert "truncated" in cut["reason"] and "the rest of the file" in cut["reason"]
+    assert json.load(open(workdir / "results.json"))["data_errors"]["skipped"][0]["skipped"] == 6
+    records = [json.loads(line) for line in open(workdir / "seed_0/eval/audio/test.jsonl")]
+    assert len(records) == clips - 6
 
 
 def test_a_partial_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):

@@ -357,7 +357,7 @@ def data_errors_section(results: dict) -> list[str]:
     lines = ["", "## Data errors", ""]
     if not errors["skipped"]:
         return lines + [f"No record was skipped (on_error={errors['on_error']!r})."]
-    lines += ["| seed | split | skipped records / byte ranges | of records | reasons |", "|---|---|---|---|---|"]
+    lines += ["| seed | split | skipped records | of records | reasons (records) |", "|---|---|---|---|---|"]
     for row in errors["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in row["reasons"].items())
         lines.append(f"| {row['seed']} | {row['split']} | {row['skipped']} | {row['of']} | {reasons} |")
