@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from distill_jax import faults, multihost, sharding
@@ -271,13 +271,13 @@ def remove_leftovers(workdir) -> None:
     Local workdirs only (listing a bucket would cost more than the few stray objects)."""
     if multihost.is_remote(workdir) or not workdir.exists():
         return
-    stale = [os.path.join(root, name) for root, dirs, files in os.walk(workdir)
+    stale = [epath.Path(root) / name for root, dirs, files in workdir.walk()
              for name in dirs + files if name.startswith(".") and name.endswith((".tmp", ".old"))]
     for path in stale:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):  # (not inside a directory removed just before)
-            os.remove(path)
+        if path.is_dir():
+            path.rmtree(missing_ok=True)
+        elif path.exists():  # (not inside a directory removed just before)
+            path.unlink()
     if stale:
         print(f"note: removed {len(stale)} temporary file(s) of a run that was interrupted", flush=True)
 

@@ -218,3 +218,14 @@ def test_a_torn_config_json_does_not_lock_the_workdir_out(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"direction": "vl_to_au')
     main.check_workdir(toy.get_config("tiny=1"), multihost.path(tmp_path))
     assert "config.json is not readable JSON" in capsys.readouterr().out
+
+
+def test_leftovers_of_interrupted_writes_are_removed(tmp_path, capsys):
+    (tmp_path / "a" / ".adapter.1a2b.old" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / ".adapter.1a2b.old" / "sub" / "x").write_text("")
+    (tmp_path / "a" / ".labels.jsonl.3c4d.tmp").write_text("half")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "kept.jsonl").write_text("")
+    main.remove_leftovers(multihost.path(tmp_path))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "b", "b/kept.jsonl"]
+    assert "removed 2 temporary file(s)" in capsys.readouterr().out
