@@ -217,6 +217,8 @@ def test_bad_record_content_is_a_tfrecord_error_naming_file_and_offset(tmp_path,
     assert source.location(1) == (str(path), offset)
     with pytest.raises(tfrecord.TFRecordError, match=f"bad.tfrecord: record at byte offset {offset}.*{reason}"):
         tfrecord.example_to_clip(source.read(1), source.location(1))
+    ids, errors = _read_all(path, "skip")  # skip mode: skipped, reported, no crash
+    assert ids == ["abc_000010"] and [(e["offset"], e["path"]) for e in errors] == [(offset, str(path))]
     with pytest.raises(ValueError, match="pcm16 must be 1-D int16"):
         tfrecord.clip_to_example(_clip(pcm16=np.zeros(4, np.float32)))
 
