@@ -1,4 +1,5 @@
 """The HF converter: sharded and bf16 checkpoints, and clear errors for keys that do not match."""
+import dataclasses
 import json
 import os
 import shutil
@@ -146,3 +147,62 @@ def test_save_hf_writes_the_checkpoint_it_loaded(fixture, request, tmp_path):
         json.load(open(os.path.join(src, "config.json")))["model_type"]
     reloaded = load_hf(out)  # and it loads back through the same path
     assert reloaded.config == load_hf(src).config
+
+
+def _ours(family: str, tied: bool):
+    """A small random model of ours (non-trivial weights), as the warm start makes the toy's."""
+    from flax import nnx
+
+    from distill_jax.models import qwen2, qwen2_audio, qwen2_vl
+
+    text = dataclasses.replace(qwen2.Qwen2Config.preset("tiny"), tie_word_embeddings=tied)
+    if family == "qwen2":
+        return qwen2.Qwen2ForCausalLM(text, rngs=nnx.Rngs(7))
+    if family == "qwen2_audio":
+        config = dataclasses.replace(qwen2_audio.Qwen2AudioConfig.preset("tiny"), text=text)
+        return qwen2_audio.Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(7))
+    config = dataclasses.replace(qwen2_vl.Qwen2VLConfig.preset("tiny"), text=dataclasses.replace(
+        text, mrope_section=qwen2_vl.Qwen2VLConfig.preset("tiny").text.mrope_section))
+    return qwen2_vl.Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(7))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_audio", "qwen2_vl"])
+def test_save_hf_output_loads_in_transformers_with_the_same_logits(family, tied, tmp_path):
+    """Our model -> save_hf -> transformers' from_pretrained: nothing missing or unexpected (a tied
+    lm_head is tied there too), and the same text logits (<= 1e-5)."""
+    import transformers
+
+    model = _ours(family, tied)
+    out = save_hf(model, str(tmp_path / "hf"))
+    classes = {"qwen2": transformers.Qwen2ForCausalLM, "qwen2_audio": transformers.Qwen2AudioForConditionalGeneration,
+               "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}
+    theirs, info = classes[family].from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = np.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=torch.tensor(ids)).logits.float().numpy()
+    got = np.asarray(model(input_ids=ids), np.float32) if family == "qwen2" else \
+        np.asarray(model.language_model(input_ids=ids), np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    text = lambda m: m if family == "qwen2" else m.language_model
+    np.testing.assert_array_equal(np.asarray(text(load_hf(out))(input_ids=ids)), got)  # and back into ours
+
+
+def test_a_qwen2_audio_lm_head_that_differs_from_the_embedding_is_used_as_transformers_does(tmp_path):
+    """transformers never ties Qwen2-Audio's lm_head: a checkpoint whose config says tied but whose
+    lm_head differs loads untied here too, with transformers' logits."""
+    import transformers
+
+    out = save_hf(_ours("qwen2_audio", True), str(tmp_path / "hf"))
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    key = "language_model.lm_head.weight"
+    tensors[key] = tensors[key] + np.random.default_rng(0).normal(0, 0.1, tensors[key].shape).astype(np.float32)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    ours = load_hf(out)
+    assert not ours.config.text.tie_word_embeddings
+    ids = np.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        expected = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(out).eval()(
+            input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours.language_model(input_ids=ids)), expected, atol=1e-5, rtol=0)

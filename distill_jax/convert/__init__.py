@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -46,8 +47,11 @@ def _qwen2_key_map(config: qwen2.Qwen2Config) -> KeyMap:
 
 def _qwen2_audio_key_map(config: qwen2_audio.Qwen2AudioConfig) -> KeyMap:
     # Checkpoints use our names; the transformers-5 module tree nests the LM under `model.`.
+    ignore = [r"\.rotary_emb\.inv_freq$"]
+    if config.text.tie_word_embeddings:
+        ignore.append(r"^language_model\.lm_head\.weight$")  # the copy save_hf writes (equal: load_hf checks)
     return KeyMap(
-        prefixes=(("", ("",)),), ignore=(r"\.rotary_emb\.inv_freq$",),
+        prefixes=(("", ("",)),), ignore=tuple(ignore),
         peft_prefixes=(("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
                        ("audio_tower.", "model.audio_tower."),
                        ("multi_modal_projector.", "model.multi_modal_projector.")))
@@ -101,6 +105,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+_AUDIO_LM_HEAD, _AUDIO_EMBED = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+
+
 def read_hf_config(path: str) -> dict[str, Any]:
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
@@ -142,8 +149,12 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
     family = family_of(hf_config)
     config = with_language_model_options(family.config_from_hf(hf_config, dtype), remat=remat,
                                          attention_impl=attention_impl)
-    abstract = abstract_model(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
     ckpt = SafetensorsCheckpoint(path)
+    if family is FAMILIES["qwen2_audio"] and config.text.tie_word_embeddings and _AUDIO_LM_HEAD in ckpt \
+            and not np.array_equal(ckpt.get(_AUDIO_LM_HEAD), ckpt.get(_AUDIO_EMBED)):
+        # transformers' Qwen2-Audio never ties: its lm_head is the checkpoint's, whatever the config says
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
+    abstract = abstract_model(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
     return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)
 
 
@@ -151,13 +162,13 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
     """Write `model`'s base parameters as a Hugging Face checkpoint directory (float32).
 
     LoRA adapters are not written (export them with `models.lora.export_peft`); tied
-    embeddings are written once. `tokenizer_dir`'s files are copied alongside, so the
-    directory is self-contained like a hub checkpoint. Every host calls it (sharded parameters
+    embeddings are written once, except for Qwen2-Audio, which transformers never ties (its
+    lm_head is written as a copy, so the checkpoint loads there with the same logits).
+    `tokenizer_dir`'s files are copied alongside, so the directory is self-contained like a hub checkpoint. Every host calls it (sharded parameters
     are gathered); process 0 writes the directory whole (multihost.atomic_dir: a local directory
     is renamed into place; on gs:// config.json goes last), so a directory with config.json is
     complete. `path` may be gs://.
     """
-    import numpy as np
     from safetensors.numpy import save
 
     from distill_jax import multihost
@@ -169,6 +180,8 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
             continue
         key, fn = key_map.checkpoint_key(".".join(str(p) for p in key_path))
         tensors[key] = np.ascontiguousarray(fn(np.asarray(multihost.to_host(var.get_value()), np.float32)))
+    if isinstance(model, qwen2_audio.Qwen2AudioForConditionalGeneration) and model.config.text.tie_word_embeddings:
+        tensors[_AUDIO_LM_HEAD] = tensors[_AUDIO_EMBED]  # transformers' Qwen2-Audio never ties: it needs the copy
     out = multihost.path(path)
     with multihost.atomic_dir(out, last="config.json") as staging:
         staging = pathlib.Path(staging)
