@@ -199,11 +199,13 @@ def check_config(config, stages) -> None:
             if not names or any(n not in known for n in names):
                 errors.append(f"config.{key}={names}: expected split names from {known}")
     if not config.toy:
+        from distill_jax.hub import is_hub_id
+
         for modality in common.MODALITIES:
             path = config.models[modality].path
-            if not path or not (multihost.path(path) / "config.json").exists():
+            if not path or not (is_hub_id(path) or (multihost.path(path) / "config.json").exists()):
                 errors.append(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
-                              "(no config.json)")
+                              "(no config.json) nor a hub id (owner/name)")
         if not config.data.manifest or not multihost.path(config.data.manifest).exists():
             errors.append(f"config.data.manifest={config.data.manifest!r} does not exist")
         if not multihost.path(config.switch.backbone).is_file():

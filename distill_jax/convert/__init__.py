@@ -143,8 +143,12 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
     """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`.
 
     `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
-    layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla".
+    layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla". `path` may
+    be a hub id ("Qwen/Qwen2-Audio-7B-Instruct"), fetched into the Hugging Face cache (hub.py).
     """
+    from distill_jax.hub import checkpoint_dir
+
+    path = checkpoint_dir(path)
     hf_config = read_hf_config(path)
     family = family_of(hf_config)
     config = with_language_model_options(family.config_from_hf(hf_config, dtype), remat=remat,

@@ -74,7 +74,12 @@ class Study:
         return multihost.path(self.config.data.manifest or self.path("data", "tfrecords", "toy_world.manifest.json"))
 
     def model_dir(self, modality: str) -> epath.Path:
-        return multihost.path(self.config.models[modality].path or self.path("models", modality))
+        """`modality`'s checkpoint directory: config.models.<m>.path (a directory, gs://, or a hub
+        id fetched into the Hugging Face cache), or the toy world's warm-started model."""
+        from distill_jax.hub import checkpoint_dir
+
+        path = self.config.models[modality].path
+        return multihost.path(checkpoint_dir(path) if path else self.path("models", modality))
 
     def records_path(self, name: str, split: str) -> epath.Path:
         return self.path("eval", name, f"{split}.jsonl")

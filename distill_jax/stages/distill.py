@@ -85,7 +85,8 @@ def run(study) -> None:
             continue
         model = train(study, mode, out)  # a finished run only restores its last checkpoint
         if not done(adapter):
-            lora.export_peft(model, adapter, base_model_name_or_path=str(study.model_dir(study.student)))
+            base = study.config.models[study.student].path or str(study.model_dir(study.student))  # a hub id as is
+            lora.export_peft(model, adapter, base_model_name_or_path=base)
         for split in todo:
             records = score_model(study, model, study.student, split, study.records_path(name, split),
                                   batch_size=study.config.evaluate.batch_size)
