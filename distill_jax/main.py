@@ -263,8 +263,9 @@ def check_workdir(config, workdir) -> None:
     current = json.loads(config.to_json_best_effort())
     changed = sorted(k for k in set(current) | set(previous) if current.get(k) != previous.get(k) and k != "stages")
     if changed and multihost.is_main():
-        print(f"note: config values under {changed} differ from this workdir's last run; finished outputs are "
-              "reused as they are (delete a stage's outputs to redo it)", flush=True)
+        print(f"note: config values under {changed} differ from this workdir's last run; a stage whose outputs "
+              "depend on a changed value refuses to reuse them (stage_configs.json in each seed's workdir)",
+              flush=True)
 
 
 def remove_leftovers(workdir) -> None:
@@ -282,6 +283,62 @@ def remove_leftovers(workdir) -> None:
             path.unlink()
     if stale:
         print(f"note: removed {len(stale)} temporary file(s) of a run that was interrupted", flush=True)
+
+
+# The config values each stage's outputs depend on (besides the seed); a stage's outputs also
+# depend on every value of the stages before it. Run-only values (batch sizes of scoring, log and
+# checkpoint intervals, workers, error handling, which splits or modes to produce) are not here.
+_PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "data.max_pixels", "data.num_options",
+           "data.question_strategy", "data.question_seed", "data.question_template", "data.system_prompt",
+           "data.prompt_buckets", "compute_dtype")
+STAGE_CONFIG = {
+    "prepare": ("toy", "data.manifest", "data.world.scale", "data.world.fps"),
+    "warm_start": ("warm_start.split", "warm_start.weight_decay", "warm_start.models", *_PROMPT),
+    "evaluate": ("models.audio.path", "models.visual.path", "models.attention_impl", *_PROMPT),
+    "switch": ("direction", "switch.split", "switch.eval_split", "switch.backbone", "switch.finetune",
+               "switch.label_mode", "switch.sample_rule", "switch.class_margin", "switch.threshold",
+               "switch.learning_rate", "switch.batch_size", "switch.epochs"),
+    "label": ("label.split",),
+    "distill": ("distill.loss", "distill.temperature", "distill.lora", "distill.batch_size", "distill.epochs",
+                "distill.max_steps", "distill.learning_rate", "distill.warmup_steps", "distill.weight_decay",
+                "distill.clip_norm", "distill.accumulate_steps", "distill.remat"),
+}
+# What a stage writes in a seed's workdir: its recorded config is checked while any of it exists.
+STAGE_OUTPUTS = {"prepare": ("data", "tokenizer"), "warm_start": ("models",),
+                 "evaluate": ("eval/audio", "eval/visual", "eval/summary.json"), "switch": ("switch",),
+                 "label": ("labels",), "distill": ("distill",)}
+
+
+def stage_values(config, stage: str) -> dict:
+    """The config values `stage`'s outputs depend on: its own and every earlier stage's."""
+    keys = [k for s in list(STAGE_CONFIG)[:list(STAGE_CONFIG).index(stage) + 1] for k in STAGE_CONFIG[s]]
+    values = {"seed": config.seed}
+    for key in keys:
+        value = _get(config, key)
+        values[key] = json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+    return values
+
+
+def check_stage_configs(study, stages) -> None:
+    """Refuse to reuse a stage's outputs made with other values of the config it depends on,
+    naming the changed keys and what to delete; record the values of stages about to run."""
+    record_file = study.path("stage_configs.json")
+    recorded = multihost.read_json(record_file) if record_file.exists() else {}
+    for stage in [s for s in STAGE_CONFIG if s in stages]:
+        current = stage_values(study.config, stage)
+        before = recorded.get(stage)
+        has_outputs = any(study.path(rel).exists() for rel in STAGE_OUTPUTS[stage])
+        if before is not None and has_outputs and before != current:
+            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+            detail = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            names = list(STAGE_CONFIG)  # redo from the first stage whose own values changed
+            first = next((s for s in names if set(changed) & set(STAGE_CONFIG[s])), names[0])
+            later = [rel for s in names[names.index(first):] for rel in STAGE_OUTPUTS[s]]
+            raise ConfigError(f"{study.workdir}: the {stage} stage's outputs were made with other config values "
+                              f"({detail}); they are not reused silently. Use another workdir, or delete "
+                              f"{', '.join(later)} (and eval/student_*) under {study.workdir} to redo them")
+        recorded[stage] = current
+    multihost.write_json(record_file, recorded, indent=1, sort_keys=True)
 
 
 def make_mesh(config):
@@ -361,11 +418,13 @@ def _run_locked(config, workdir, stages, mesh) -> list[common.Study]:
     check_workdir(config, workdir)
     if multihost.is_main():
         remove_leftovers(workdir)
+    studies = [common.Study(seed_config(config, seed), seed_dir(workdir, seed), mesh, run_dir=workdir)
+               for seed in config.seeds]
+    for study in studies:  # before any work: outputs made with other values are refused, not reused
+        check_stage_configs(study, stages)
     multihost.sync("workdir checked")  # before process 0 rewrites config.json
     multihost.write_text(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     enable_compilation_cache(workdir)
-    studies = [common.Study(seed_config(config, seed), seed_dir(workdir, seed), mesh, run_dir=workdir)
-               for seed in config.seeds]
     with jax.set_mesh(mesh):
         for study in studies:
             study.workdir.mkdir(parents=True, exist_ok=True)

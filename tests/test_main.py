@@ -241,3 +241,25 @@ def test_audio_to_vl_direction(tiny_run, tmp_path):
     labels = read_records(os.path.join(seed, "labels", "always.jsonl"))
     audio_train = {r["clip_id"]: r for r in read_records(os.path.join(seed, "labels", "audio-train.jsonl"))}
     assert all(r["teacher_letter"] == audio_train[r["clip_id"]]["predicted"] for r in labels)
+
+
+def test_outputs_made_with_other_config_values_are_refused_not_reused(tiny_run, tmp_path):
+    """Rerunning a workdir with --config.distill.loss=logits used to skip both modes as done and
+    rewrite config.json to say logits; now it is refused before any work, naming the change."""
+    workdir = str(tmp_path / "again")
+    shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("jax_cache"))
+    before = open(os.path.join(workdir, "config.json")).read()
+    config = toy.get_config("tiny=1")
+    config.distill.loss = "logits"
+    with pytest.raises(main.ConfigError, match=r"the distill stage's outputs were made with other config values "
+                                               r"\(distill.loss: 'labels' -> 'logits'\).*delete distill"):
+        main.run(config, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == before
+    config = toy.get_config("tiny=1")
+    config.switch.threshold = 0.7  # upstream of label and distill: the first stage it changes is named
+    with pytest.raises(main.ConfigError, match=r"the distill stage's .*switch.threshold: 0.5 -> 0.7.*delete switch, "
+                                               r"labels, distill"):
+        main.run(config, workdir, ["distill"])
+    config = toy.get_config("tiny=1")
+    config.distill.log_every, config.evaluate.batch_size = 3, 16  # run-only values: reused as they are
+    main.run(config, workdir, ["distill"])
