@@ -162,3 +162,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.max_nonfinite_steps = 3
     c.distill.eval_splits = ("test", "unseen")
     return c
+
+
+def sweep(add):
+    """The ablations at toy scale (`python -m distill_jax.sweep --config=configs/toy.py --workdir=ROOT`):
+    the letter-distribution loss, and per-clip switch labels instead of class-level ones."""
+    add(**{"distill.loss": "logits", "distill.temperature": 2.0})
+    add(**{"switch.label_mode": "sample"})

@@ -263,3 +263,28 @@ def test_outputs_made_with_other_config_values_are_refused_not_reused(tiny_run, 
     config = toy.get_config("tiny=1")
     config.distill.log_every, config.evaluate.batch_size = 3, 16  # run-only values: reused as they are
     main.run(config, workdir, ["distill"])
+
+
+def test_the_toy_sweep_runs_each_entry_reusing_what_it_does_not_change(tiny_run, tmp_path, capsys):
+    from distill_jax import sweep
+
+    root = tmp_path / "sweep"
+    names = [n for n, _ in sweep.entries(toy.__file__)]
+    assert names == ["distill.loss=logits_distill.temperature=2.0", "switch.label_mode=sample"]
+    table = sweep.run(toy.get_config("tiny=1"), toy.__file__, str(root), base=tiny_run)
+    out = capsys.readouterr().out
+    # The loss ablation reuses every stage up to the labels; the switch ablation up to the evaluation.
+    assert f"== sweep entry {names[0]}: reused {{0: ['prepare', 'warm_start', 'evaluate', 'switch', 'label']}}" in out
+    assert f"== sweep entry {names[1]}: reused {{0: ['prepare', 'warm_start', 'evaluate']}}" in out
+    for name in names:
+        stages = json.load(open(root / name / "seed_0" / "stage_configs.json"))
+        assert set(stages) == {"prepare", "warm_start", "evaluate", "switch", "label", "distill"}
+    base = json.loads(open(os.path.join(tiny_run, "seed_0", "labels", "learned.jsonl")).readline())
+    assert json.loads(open(root / names[0] / "seed_0" / "labels" / "learned.jsonl").readline()) == base
+    results = json.load(open(root / names[0] / "results.json"))
+    assert json.load(open(root / names[0] / "config.json"))["distill"]["loss"] == "logits"
+    assert set(table) == set(names)
+    assert table[names[0]]["findings"]["distilled_beats_original"]["diff"] == pytest.approx(
+        next(f["diff"] for f in results["findings"] if f["name"] == "distilled_beats_original"))
+    text = (root / "sweep.md").read_text()
+    assert all(f"| {name} |" in text for name in names) and "distilled_beats_original" in text
