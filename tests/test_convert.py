@@ -206,3 +206,4 @@ def test_a_qwen2_audio_lm_head_that_differs_from_the_embedding_is_used_as_transf
         expected = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(out).eval()(
             input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours.language_model(input_ids=ids)), expected, atol=1e-5, rtol=0)
+

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
@@ -171,6 +172,9 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
     spec_of = dict(nnx.to_flat_state(specs)) if specs is not None else {}
     device = jax.local_devices()[0]
     filled = []
+    total = sum(int(np.prod(ckpt.shape(key))) * ckpt.tensors[key].dtype.itemsize for _, _, key, _ in plan)
+    progress = tqdm.tqdm(total=total, unit="B", unit_scale=True, leave=False, desc=f"loading {len(plan)} tensors",
+                         disable=total < (1 << 30) or jax.process_index() > 0)  # shown for checkpoints over 1 GiB
     for path, var, key, fn in plan:
         shape = tuple(var.get_value().shape)
         target = NamedSharding(mesh, spec_of[path]) if mesh is not None else SingleDeviceSharding(device)
@@ -180,4 +184,7 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
 
         array = jax.make_array_from_callback(shape, target, read)
         filled.append((path, var.replace(array)))
+        progress.update(int(np.prod(ckpt.shape(key))) * ckpt.tensors[key].dtype.itemsize)
+        progress.set_postfix_str(f"{len(filled)}/{len(plan)} tensors", refresh=False)
+    progress.close()
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
