@@ -324,6 +324,7 @@ def check_stage_configs(study, stages) -> None:
     naming the changed keys and what to delete; record the values of stages about to run."""
     record_file = study.path("stage_configs.json")
     recorded = multihost.read_json(record_file) if record_file.exists() else {}
+    unchanged = dict(recorded)
     for stage in [s for s in STAGE_CONFIG if s in stages]:
         current = stage_values(study.config, stage)
         before = recorded.get(stage)
@@ -338,7 +339,8 @@ def check_stage_configs(study, stages) -> None:
                               f"({detail}); they are not reused silently. Use another workdir, or delete "
                               f"{', '.join(later)} (and eval/student_*) under {study.workdir} to redo them")
         recorded[stage] = current
-    multihost.write_json(record_file, recorded, indent=1, sort_keys=True)
+    if recorded != unchanged:  # a rerun with the same values writes nothing
+        multihost.write_json(record_file, recorded, indent=1, sort_keys=True)
 
 
 def make_mesh(config):
