@@ -226,8 +226,16 @@ def staged(target):
         return
     with tempfile.TemporaryDirectory() as local_dir:
         yield local_dir
-        for source in pathlib.Path(local_dir).rglob("*"):
-            if source.is_file():
-                destination = target / str(source.relative_to(local_dir))
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                destination.write_bytes(source.read_bytes())
+        copy(local_dir, target)
+
+
+def copy(source, target) -> None:
+    """File or directory `source` to `target` (local or gs:// on either side), each file atomically."""
+    source, target = path(source), path(target)
+    if not source.is_dir():
+        write_own(target, source.read_bytes())
+        return
+    for top, _, names in source.walk():  # walk: GCS has no recursive glob
+        for name in names:
+            file = epath.Path(top) / name
+            write_own(target / str(file)[len(str(source)):].lstrip("/"), file.read_bytes())

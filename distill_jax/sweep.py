@@ -20,7 +20,6 @@ import importlib.util
 import re
 
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from distill_jax import main as main_lib
@@ -75,16 +74,6 @@ def apply(config, overrides: dict):
     return config
 
 
-def _copy(source: epath.Path, target: epath.Path) -> None:
-    if source.is_dir():
-        for top, _, names in source.walk():
-            for name in names:
-                src = epath.Path(top) / name
-                multihost.write_own(target / str(src)[len(str(source)):].lstrip("/"), src.read_bytes())
-    else:
-        multihost.write_own(target, source.read_bytes())
-
-
 def reuse(config, workdir, sources) -> dict[int, list[str]]:
     """Copy into `workdir` the outputs of every stage whose recorded values equal this config's,
     from the first of `sources` (earlier workdirs) that has them; per seed, the stages copied."""
@@ -112,10 +101,10 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
             if multihost.is_main():
                 for rel in main_lib.STAGE_OUTPUTS[stage]:
                     if (source / rel).exists():
-                        _copy(source / rel, target / rel)
+                        multihost.copy(source / rel, target / rel)
                 if stage == "distill":  # and the students' evaluations
                     for student in (source / "eval").glob("student_*"):
-                        _copy(student, target / "eval" / student.name)
+                        multihost.copy(student, target / "eval" / student.name)
             recorded[stage] = values
             done.append(stage)
         multihost.write_json(record_file, recorded, indent=1, sort_keys=True)
