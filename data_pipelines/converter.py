@@ -109,14 +109,41 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+class WorkersCannotStartError(RuntimeError):
+    """Worker processes die while starting, before any clip reaches them."""
+
+
+def _started() -> bool:
+    return True
+
+
+def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """`workers` spawned processes that die with their parent, checked to start.
+
+    With the "spawn" start method each worker first re-imports the script that started Python.
+    A script that calls `main.run` at top level, without `if __name__ == "__main__":`, would
+    run the study again in every worker; those workers die while starting and a
+    `multiprocessing.Pool` starts new ones forever. Here that is a clear error instead.
+    """
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=die_with_parent)
+    try:
+        pool.submit(_started).result()
+    except BrokenProcessPool:
+        pool.shutdown(wait=True, cancel_futures=True)
+        script = getattr(sys.modules["__main__"], "__file__", None)
+        raise WorkersCannotStartError(
+            "worker processes died while starting (their error is printed above). Each worker "
+            f"re-imports the script that started Python{f' ({script})' if script else ''}: if it calls "
+            "distill_jax.main.run (or the converters) at top level, put that call under "
+            "`if __name__ == \"__main__\":`") from None
+    return pool
+
 
 
 def _alone(task) -> tuple:
     """`task` decoded in a process of its own: a crash there is this clip's."""
-    with _pool(1) as pool:
+    with worker_pool(1) as pool:
         try:
             return pool.submit(_convert_one, task).result()
         except BrokenProcessPool:
@@ -128,7 +155,7 @@ def _decoded(tasks: Sequence, workers: int) -> Iterator[tuple]:
     """`_convert_one` of every task, in order, from `workers` processes that a crash cannot stop:
     when a worker dies, the clips in flight are decoded again one by one, each in its own process."""
     tasks = iter(tasks)
-    pool, in_flight = _pool(workers), collections.deque()
+    pool, in_flight = worker_pool(workers), collections.deque()
     try:
         while True:
             while len(in_flight) < 2 * workers and (task := next(tasks, None)) is not None:
@@ -144,7 +171,7 @@ def _decoded(tasks: Sequence, workers: int) -> Iterator[tuple]:
                 pool.shutdown(wait=True, cancel_futures=True)
                 for suspect in suspects:
                     yield _alone(suspect)
-                pool = _pool(workers)
+                pool = worker_pool(workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

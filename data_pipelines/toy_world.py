@@ -77,7 +77,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import multiprocessing
 import os
 from collections.abc import Sequence
 
@@ -524,10 +523,10 @@ def generate(out_dir, config: WorldConfig = WorldConfig(), *, workers: int | Non
              for ytid, split, c, number in plan]
     workers = os.cpu_count() if workers is None else workers
     if workers > 1:
-        from data_pipelines.converter import die_with_parent
+        from data_pipelines.converter import worker_pool
 
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=die_with_parent) as pool:
-            for _ in pool.imap_unordered(_write_clip, tasks, chunksize=8):
+        with worker_pool(workers) as pool:
+            for _ in pool.map(_write_clip, tasks, chunksize=8):
                 pass
     else:
         for task in tasks:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import time
 
@@ -383,6 +384,10 @@ def _record_time(timings_file, stage: str, seconds: float) -> None:
 def run(config, workdir: str, stages=None) -> list[common.Study]:
     """Run `stages` (default: the config's) of the study into `workdir`, once per seed of
     `config.seeds` (in `workdir/seed_<s>/`), then the report over all seeds (in `workdir`)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError("distill_jax.main.run was called while a worker process was starting: the worker "
+                           "re-imported the script that calls it. Put that call under "
+                           "`if __name__ == \"__main__\":`")
     stages = list(stages or config.stages)
     check_config(config, stages)
     mesh = make_mesh(config)

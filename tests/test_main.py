@@ -288,3 +288,22 @@ def test_the_toy_sweep_runs_each_entry_reusing_what_it_does_not_change(tiny_run,
         next(f["diff"] for f in results["findings"] if f["name"] == "distilled_beats_original"))
     text = (root / "sweep.md").read_text()
     assert all(f"| {name} |" in text for name in names) and "distilled_beats_original" in text
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error_not_a_hang(tmp_path):
+    """spawn workers re-import the calling script; one that runs the study at top level would run
+    it again in every worker. The workers refuse, and the parent names the fix."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from configs import toy\nfrom distill_jax import main\n"
+                      "config = toy.get_config('tiny=1')\nconfig.data.world.workers = 2\n"
+                      f"main.run(config, {str(tmp_path / 'w')!r})\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0
+    assert "WorkersCannotStartError" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+    assert "called while a worker process was starting" in done.stderr  # the worker's own error
