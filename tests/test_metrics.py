@@ -1,4 +1,4 @@
-"""Our TensorBoard event files read back through TensorBoard's own loader; the JSONL log parses."""
+"""Our TensorBoard event files (tensorboardX) read back through TensorBoard's own loader; the JSONL log parses."""
 import glob
 import json
 import os

@@ -1,50 +1,35 @@
 """Scalar metrics to a JSONL log and a TensorBoard event file, without TensorFlow.
 
-clu.metric_writers imports TensorFlow (DESIGN.md), so event files are written here:
-TFRecord-framed `Event` protos (tensorboard/compat/proto/event.proto), hand-encoded
-because only three fields are needed: wall_time, step and a Summary of simple values.
-Only process 0 writes, as in multi-host runs every host computes the same metrics.
+TensorBoard events are written by tensorboardX (clu.metric_writers imports TensorFlow,
+DESIGN.md). tensorboardX reaches gs:// only through google-cloud-storage, so gs:// event
+files go through etils.epath here, like every other workdir file. Only process 0 writes, as
+in multi-host runs every host computes the same metrics.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import socket
-import struct
 import time
 
 import jax
 from etils import epath
-
-from data_pipelines.tfrecord import frame_record
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+from tensorboardX import SummaryWriter, record_writer
 
 
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+class _EpathFiles:
+    """tensorboardX's writer factory for gs:// (its own needs google-cloud-storage)."""
+
+    def open(self, path: str):
+        return epath.Path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def encode_event(wall_time: float, step: int, *, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-    """An `Event` proto: wall_time (1, double), step (2, int64), file_version (3) or summary (5)."""
-    out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-    if file_version is not None:
-        out += _field_bytes(3, file_version.encode())
-    if scalars:
-        values = b"".join(_field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-                          for tag, value in scalars.items())
-        out += _field_bytes(5, values)
-    return out
+record_writer.register_writer_factory("gs", _EpathFiles())
+_writers = itertools.count()  # event file names stay unique within a process and a second
 
 
 class MetricWriter:
@@ -57,9 +42,8 @@ class MetricWriter:
         logdir = epath.Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (logdir / "metrics.jsonl").open("a")
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._events = (logdir / name).open("ab")
-        self._events.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
+        self._events = SummaryWriter(os.fspath(logdir), flush_secs=30,
+                                     filename_suffix=f".{os.getpid()}.{next(_writers)}")
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.active:
@@ -67,7 +51,8 @@ class MetricWriter:
         values = {k: float(v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **{
             k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}) + "\n")
-        self._events.write(frame_record(encode_event(time.time(), int(step), scalars=values)))
+        for name, value in values.items():
+            self._events.add_scalar(name, value, int(step))
 
     def flush(self) -> None:
         if self.active:
