@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import time
 
 import jax
@@ -361,6 +362,60 @@ def enable_compilation_cache(workdir, min_compile_time_s: float = 0.0) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
 
 
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's name for it
+
+
+class CompileAnnouncer:
+    """Prints what XLA is compiling when a compile runs past `after_s`, then how long it took.
+
+    A 7B program compiles for minutes; without this the run looks hung. JAX reports each
+    backend compile's start and duration to `jax.monitoring` listeners, with the program name.
+    """
+
+    def __init__(self, after_s: float = 10.0):
+        self.after_s = after_s
+        self._timers: dict[tuple[int, str], threading.Timer] = {}
+
+    def _started(self, event: str, value: float, **kwargs) -> None:
+        if event != BACKEND_COMPILE_EVENT:
+            return
+        name = kwargs.get("fun_name", "?")
+        timer = threading.Timer(self.after_s, lambda: print(
+            f"compiling {name} (running for {self.after_s:g} s) ...", flush=True))
+        timer.daemon = True
+        self._timers[threading.get_ident(), name] = timer
+        timer.start()
+
+    def _finished(self, event: str, seconds: float, **kwargs) -> None:
+        if event != BACKEND_COMPILE_EVENT:
+            return
+        name = kwargs.get("fun_name", "?")
+        timer = self._timers.pop((threading.get_ident(), name), None)
+        if timer is not None:
+            timer.cancel()
+        if seconds >= self.after_s:
+            print(f"compiled {name} in {seconds:.1f} s", flush=True)
+
+    def register(self) -> None:
+        jax.monitoring.register_scalar_listener(self._started)
+        jax.monitoring.register_event_duration_secs_listener(self._finished)
+
+    def unregister(self) -> None:
+        jax.monitoring.unregister_scalar_listener(self._started)
+        jax.monitoring.unregister_event_duration_listener(self._finished)
+
+
+_announcer: CompileAnnouncer | None = None
+
+
+def announce_long_compiles(after_s: float = 10.0) -> None:
+    """Once per process (process 0 only): long compiles print their name and time."""
+    global _announcer
+    if _announcer is None and multihost.is_main():
+        _announcer = CompileAnnouncer(after_s)
+        _announcer.register()
+
+
 def seed_config(config, seed: int):
     """One seed's run config: `config` with `seed` set (the toy world, warm start, switch and
     distillation are all seeded by it)."""
@@ -432,6 +487,7 @@ def _run_locked(config, workdir, stages, mesh) -> list[common.Study]:
     multihost.sync("workdir checked")  # before process 0 rewrites config.json
     multihost.write_text(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     enable_compilation_cache(workdir)
+    announce_long_compiles()
     with jax.set_mesh(mesh):
         for study in studies:
             study.workdir.mkdir(parents=True, exist_ok=True)

@@ -307,3 +307,29 @@ def test_a_script_without_a_main_guard_gets_a_clear_error_not_a_hang(tmp_path):
     assert "WorkersCannotStartError" in done.stderr
     assert 'if __name__ == "__main__":' in done.stderr
     assert "called while a worker process was starting" in done.stderr  # the worker's own error
+
+
+def test_a_long_compile_prints_its_name_while_compiling_then_its_time(capsys):
+    import time
+
+    import jax.numpy as jnp
+
+    announcer = main.CompileAnnouncer(after_s=0.0)  # every compile counts as long here
+    announcer.register()
+    try:
+        @jax.jit
+        def a_program_of_many_layers(x):
+            for i in range(60):
+                x = jnp.tanh(x @ x.T + i)
+            return x
+
+        start = time.time()
+        a_program_of_many_layers(jnp.ones((7, 7))).block_until_ready()
+        took = time.time() - start
+    finally:
+        announcer.unregister()
+    out = capsys.readouterr().out
+    assert "compiling jit(a_program_of_many_layers) (running for 0 s) ..." in out
+    seconds = float(re.search(r"compiled jit\(a_program_of_many_layers\) in ([\d.]+) s", out).group(1))
+    assert 0 <= seconds <= took + 0.1
+    assert out.index("compiling jit(a_program") < out.index("compiled jit(a_program")

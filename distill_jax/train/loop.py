@@ -141,7 +141,7 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, *, 
     steps, `nonfinite_total` all of them. Metrics: loss, grad_norm, finite, nonfinite_run,
     nonfinite_skips (the total), and loss_fn's own."""
 
-    def step(state, frozen, batch, static=()):
+    def train_step(state, frozen, batch, static=()):
         def objective(params):
             model = nnx.merge(graphdef, params, state["mutable"], frozen, copy=True)
             loss, metrics = loss_fn(model, batch, static)
@@ -162,9 +162,9 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, *, 
                            "nonfinite_skips": new_state["nonfinite_total"], **metrics}
 
     if shardings is None:
-        return jax.jit(step, donate_argnums=0, static_argnums=3)
+        return jax.jit(train_step, donate_argnums=0, static_argnums=3)
     state_sharding, frozen_sharding, batch_sharding = shardings
-    return jax.jit(step, donate_argnums=0, static_argnums=3,
+    return jax.jit(train_step, donate_argnums=0, static_argnums=3,
                    in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                    out_shardings=(state_sharding, NamedSharding(batch_sharding.mesh, PartitionSpec())))
 
