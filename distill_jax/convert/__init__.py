@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 

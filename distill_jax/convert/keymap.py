@@ -3,7 +3,7 @@
 A `KeyMap` says, for every parameter path of our model, which checkpoint key(s)
 may hold it and which per-tensor transform turns the tensor into our layout.
 `load_state` fills an abstract model's state tensor by tensor, each straight
-into its sharded place (`jax.make_array_from_callback` over a memory map), and
+into its sharded place (`jax.make_array_from_callback`, each device reading its slice), and
 refuses a checkpoint whose keys do not match ours one to one.
 """
 from __future__ import annotations
@@ -180,7 +180,11 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
         target = NamedSharding(mesh, spec_of[path]) if mesh is not None else SingleDeviceSharding(device)
 
         def read(index, key=key, fn=fn):
-            return np.ascontiguousarray(fn(ckpt.get(key))[index]).astype(dtype)
+            if fn is identity:  # the shard's slice alone is read
+                return ckpt.read(key, index).astype(dtype)
+            if fn is transpose:
+                return np.ascontiguousarray(ckpt.read(key, index[::-1]).T).astype(dtype)
+            return np.ascontiguousarray(fn(ckpt.get(key))[index]).astype(dtype)  # small reshaped tensors
 
         array = jax.make_array_from_callback(shape, target, read)
         filled.append((path, var.replace(array)))

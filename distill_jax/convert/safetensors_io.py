@@ -1,9 +1,12 @@
-"""A lazy safetensors reader: memory-mapped tensors, so a shard reads only its slice.
+"""Checkpoint files through `safetensors.safe_open`: lazy, so a device shard reads only its slice.
 
-Reads single files and sharded checkpoints (`model.safetensors.index.json`).
-bfloat16 tensors come back as ml_dtypes.bfloat16 arrays (numpy has no bf16).
-The format: 8-byte little-endian header size, a JSON header
-{name: {dtype, shape, data_offsets}}, then the raw little-endian bytes.
+Reads single files and sharded checkpoints (`model.safetensors.index.json`). `read(key, index)`
+is `safe_open(...).get_slice(key)[index]` (the stored layout's slice, nothing else read);
+`get(key)` the whole tensor. bfloat16 tensors come back as ml_dtypes.bfloat16 arrays.
+
+safe_open refuses a truncated file with "incomplete metadata, file not fully covered"; that
+case alone reads the JSON header here, to name the first tensor the cut reaches (an
+interrupted download or copy is then plain to see).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -26,43 +30,43 @@ class TensorInfo:
     file: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in `file`
 
 
-def _read_header(file: str) -> dict[str, TensorInfo]:
-    """The tensors of one file; a byte range past the end of the file (a cut download) names the
-    file and the first tensor it cuts."""
-    file_size = os.path.getsize(file)
+def header(file: str) -> dict:
+    """The raw JSON header of a safetensors file (names, dtypes, shapes, byte ranges, __metadata__)."""
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{file}: not a safetensors file (shorter than its 8-byte header size)")
         (size,) = struct.unpack("<Q", raw)
         try:
-            header = json.loads(f.read(size))
+            return json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
-    infos = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in _DTYPES:
-            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        dtype = np.dtype(_DTYPES[meta["dtype"]])
-        shape = tuple(meta["shape"])
-        if end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise ValueError(f"{file}: tensor {name!r} byte range does not match its shape {shape}")
-        infos[name] = TensorInfo(file, dtype, shape, 8 + size + start)
-    available = file_size - 8 - size
-    cut = sorted((meta["data_offsets"][1], name) for name, meta in header.items()
-                 if name != "__metadata__" and meta["data_offsets"][1] > available)
-    if cut:
-        end, name = min(cut, key=lambda c: header[c[1]]["data_offsets"][0])
-        raise ValueError(f"{file}: truncated ({file_size} bytes): tensor {name!r} needs data bytes "
-                         f"{header[name]['data_offsets'][0]}..{end} but the file holds {max(available, 0)}; "
-                         f"{len(cut)} tensors cut (an interrupted download or copy?)")
-    return infos
+
+
+def _explain(file: str, error: SafetensorError) -> ValueError:
+    """safe_open's refusal, with the first tensor a cut reaches when the file is truncated."""
+    meta = header(file)
+    file_size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        available = file_size - 8 - struct.unpack("<Q", f.read(8))[0]
+    cut = sorted((m["data_offsets"][0], m["data_offsets"][1], name) for name, m in meta.items()
+                 if name != "__metadata__" and m["data_offsets"][1] > available)
+    if not cut:
+        return ValueError(f"{file}: not a readable safetensors file ({error})")
+    start, end, name = cut[0]
+    return ValueError(f"{file}: truncated ({file_size} bytes): tensor {name!r} needs data bytes {start}..{end} but "
+                      f"the file holds {max(available, 0)}; {len(cut)} tensors cut (an interrupted download or copy?)")
+
+
+def metadata(file: str) -> dict[str, str]:
+    """A file's `__metadata__` (string to string)."""
+    try:
+        with safe_open(file, framework="np") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise _explain(file, e) from e
 
 
 class SafetensorsCheckpoint:
@@ -84,14 +88,22 @@ class SafetensorsCheckpoint:
                 raise FileNotFoundError(
                     f"{path}: no model.safetensors or model.safetensors.index.json")
         self.tensors: dict[str, TensorInfo] = {}
+        self._files = {}
         for file in files:
             if not os.path.exists(file):
                 raise FileNotFoundError(f"{file}: listed in the checkpoint index but missing")
-            for name, info in _read_header(file).items():
+            try:
+                handle = safe_open(file, framework="np")
+            except SafetensorError as e:
+                raise _explain(file, e) from e
+            self._files[file] = handle
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                if tensor.get_dtype() not in _DTYPES:
+                    raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {tensor.get_dtype()}")
                 if name in self.tensors:
                     raise ValueError(f"tensor {name!r} appears in both {self.tensors[name].file} and {file}")
-                self.tensors[name] = info
-        self._maps: dict[str, np.memmap] = {}
+                self.tensors[name] = TensorInfo(file, np.dtype(_DTYPES[tensor.get_dtype()]), tuple(tensor.get_shape()))
 
     def keys(self):
         return self.tensors.keys()
@@ -102,11 +114,10 @@ class SafetensorsCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.tensors[key].shape
 
+    def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` in the stored layout; only those bytes are read."""
+        return self._files[self.tensors[key].file].get_slice(key)[index]
+
     def get(self, key: str) -> np.ndarray:
-        """A read-only memory-mapped view; slicing it reads only the slice from disk."""
-        info = self.tensors[key]
-        if info.file not in self._maps:
-            self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        buf = self._maps[info.file]
-        nbytes = info.dtype.itemsize * int(np.prod(info.shape, dtype=np.int64))
-        return buf[info.offset:info.offset + nbytes].view(info.dtype).reshape(info.shape)
+        """The whole tensor."""
+        return self._files[self.tensors[key].file].get_tensor(key)

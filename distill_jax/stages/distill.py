@@ -14,7 +14,7 @@ Writes distill/<mode>/{checkpoints, logs, batches.jsonl, adapter} and eval/stude
 
 from flax import nnx
 
-from distill_jax import multihost, sharding
+from distill_jax import sharding
 from distill_jax.models import lora
 from distill_jax.stages.evaluate import accuracy, read_records, score_model
 from distill_jax.stages.label import JoinTargets, labels_path

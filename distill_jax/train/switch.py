@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from functools import partial
 from typing import Any, Callable
 
