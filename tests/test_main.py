@@ -100,33 +100,6 @@ def test_findings_are_paired_comparisons_of_the_records(tiny_run):
     assert results["switch"]["accuracy"]["per_seed"] == [per_seed["switch"]["eval"]["accuracy"]]
 
 
-def test_two_runs_give_identical_results_and_seeds_pool(tiny_run, tmp_path):
-    """A second run of the same config reproduces the first one's results exactly (apart from
-    timings); with seeds=2 the findings pool both seeds' clips and list each seed's difference."""
-    workdir = str(tmp_path / "again")
-    main.run(toy.get_config("tiny=1,seeds=2"), workdir)
-    first = json.load(open(os.path.join(tiny_run, "seed_0", "results.json")))
-    again = json.load(open(os.path.join(workdir, "seed_0", "results.json")))
-    assert again == first
-    for rel in ("eval/student_learned/test.jsonl", "labels/learned.jsonl", "switch/metrics.json"):
-        assert open(os.path.join(workdir, "seed_0", rel)).read() == open(os.path.join(tiny_run, "seed_0", rel)).read()
-    pooled = json.load(open(os.path.join(workdir, "results.json")))
-    assert pooled["seeds"] == [0, 1]
-    single = {f["name"]: f for f in json.load(open(os.path.join(tiny_run, "results.json")))["findings"]}
-    for f in pooled["findings"]:
-        if f["diff"] is None:
-            continue
-        assert [s["seed"] for s in f["seeds"]] == [0, 1]
-        assert f["seeds"][0]["diff"] == single[f["name"]]["diff"]
-        clips = [s["clips"] for s in f["seeds"]]
-        assert f["clips"] == sum(clips)
-        assert f["diff"] == pytest.approx(sum(s["diff"] * n for s, n in zip(f["seeds"], clips)) / sum(clips))
-    # Different seeds: a different world.
-    assert open(os.path.join(workdir, "seed_1", "eval", "audio", "test.jsonl")).read() != \
-        open(os.path.join(workdir, "seed_0", "eval", "audio", "test.jsonl")).read()
-    assert "± " in open(os.path.join(workdir, "results.md")).read()
-
-
 def test_rerun_does_no_work_again(tiny_run, capsys):
     before = _mtimes(tiny_run)
     main.run(toy.get_config("tiny=1"), tiny_run)
