@@ -68,12 +68,12 @@ def fake_bucket(tmp_path):
         yield root
 
 
-def test_tiny_study_into_a_gs_workdir(fake_bucket):
+def test_tiny_study_into_a_gs_workdir(fake_bucket, tiny_run):
     import jax
 
     cache = jax.config.jax_compilation_cache_dir
     try:
-        _tiny_study_into_a_gs_workdir(fake_bucket)
+        _tiny_study_into_a_gs_workdir(fake_bucket, tiny_run)
     finally:  # main.run pointed JAX's compilation cache into the (now gone) bucket
         from jax.experimental.compilation_cache import compilation_cache
 
@@ -81,7 +81,7 @@ def test_tiny_study_into_a_gs_workdir(fake_bucket):
         compilation_cache.reset_cache()
 
 
-def _tiny_study_into_a_gs_workdir(fake_bucket):
+def _tiny_study_into_a_gs_workdir(fake_bucket, tiny_run):
     config = toy.get_config("tiny=1")
     config.distill.modes = ("learned",)
     main.run(config, "gs://bucket/run")
@@ -103,3 +103,7 @@ def _tiny_study_into_a_gs_workdir(fake_bucket):
     lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     assert logged == {(line["step"], k) for line in lines for k in line if k not in ("step", "time")}
     assert not (pathlib.Path.cwd() / "gs:").exists()  # nothing went to a local directory named "gs:"
+    # A second run of the same config (the tiny study, here into gs://) reproduces the first exactly.
+    for rel in ("eval/audio/test.jsonl", "eval/visual/test.jsonl", "switch/metrics.json", "labels/learned.jsonl",
+                "eval/student_learned/test.jsonl", "distill/learned/batches.jsonl"):
+        assert (run / "seed_0" / rel).read_text() == (pathlib.Path(tiny_run) / "seed_0" / rel).read_text(), rel

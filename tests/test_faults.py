@@ -116,6 +116,7 @@ def test_killed_at_random_points_of_every_stage_the_study_resumes_to_the_uninter
     kills = draw_kills(points, seed=0)
     assert len(kills) == 8 and {"label", "report"} <= {k.split("/")[0] for k in kills}
     workdir = tmp_path / "killed"
+    shutil.copytree(os.path.join(tiny_run, "jax_cache"), workdir / "jax_cache")  # programs compiled once per session
     for kill in kills:
         code, out = _tiny_study(workdir, kill)
         assert code == -signal.SIGKILL, (kill, code, out[-3000:])  # killed where it was told

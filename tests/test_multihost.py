@@ -28,8 +28,12 @@ def _env(devices: int) -> dict:
     return env
 
 
+MODES = ("learned", "always")  # two of the four switch modes: the same trainer, half the distill time
+
+
 def _main(workdir, *flags):
-    return [sys.executable, "-m", "distill_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
+    return [sys.executable, "-m", "distill_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+            f"--config.distill.modes={MODES!r}", *flags]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +44,14 @@ def runs(tmp_path_factory):
     procs = [subprocess.Popen(_main(two, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                     f"--process_id={i}"), env=_env(2), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    # The reference runs alongside: the two processes wait on each other at every barrier.
+    single = subprocess.Popen(_main(one), env=_env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     outputs = [p.communicate(timeout=900)[0] for p in procs]
+    single_output = single.communicate(timeout=900)[0]
     for i, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
-    single = subprocess.run(_main(one), env=_env(4), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-4000:]
+    assert single.returncode == 0, single_output[-4000:]
     return one, two, outputs
 
 
@@ -81,7 +88,7 @@ def test_two_processes_equal_one(runs):
             if key in rows_a[0]:
                 np.testing.assert_allclose([r[key] for r in rows_a], [r[key] for r in rows_b], atol=1e-4,
                                            err_msg=f"{rel}: {key}")
-    for mode in ("learned", "always", "never", "oracle"):
+    for mode in MODES:
         rel = os.path.join("distill", mode, "adapter", "adapter_model.safetensors")
         wa, wb = load_file(os.path.join(seed_one, rel)), load_file(os.path.join(seed_two, rel))
         assert sorted(wa) == sorted(wb)
@@ -104,5 +111,5 @@ def test_only_process_0_wrote_and_nothing_is_left_half_done(runs):
     orbax = lambda f: "/checkpoints/" in f or f.startswith("seed_0/switch/model/state/")
     events = lambda f: os.path.dirname(f) if os.path.basename(f).startswith("events.out.tfevents") else f
     assert {events(f) for f in files_two if not orbax(f)} == {events(f) for f in files_one if not orbax(f)}
-    assert len([f for f in files_two if "events.out.tfevents" in f]) == 4  # one writer per distill mode
+    assert len([f for f in files_two if "events.out.tfevents" in f]) == len(MODES)  # one writer per distill mode
     assert "== report" in outputs[0] and "report: " in outputs[0] and "report: " not in outputs[1]

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 
 import nbformat
 import numpy as np
@@ -38,18 +39,18 @@ def test_notebooks_are_ready_for_a_colab_tpu_runtime(name, gpu):
     assert not [c for c in notebook.cells if c.get("outputs")]  # committed without outputs
 
 
-def test_toy_study_notebook_reproduces_the_study_and_pools_seeds(tiny_run, tmp_path, monkeypatch):
-    """The notebook's study (seeds=2, in a Jupyter kernel) is a second run of the tiny study: its seed 0
-    reproduces the first run's results and records exactly, seed 1 is another world, and the report
-    pools both seeds' clips and lists each seed's difference."""
+def test_toy_study_notebook_adds_a_seed_and_pools_the_seeds(tiny_run, tmp_path, monkeypatch):
+    """The notebook at seeds=2 (in a Jupyter kernel, its spawn workers started from there) on a
+    copy of the tiny study's workdir: seed 0 is reused as it is, seed 1 is a new world run end to
+    end, and the report pools both seeds' clips and lists each seed's difference. (That a second
+    run reproduces the first exactly is checked by tests/test_cloud_paths.py.)"""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(tiny_run, workdir)  # with its jax_cache: programs compiled once per session
+    monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # as this session (conftest): the same programs
     notebook = _execute("toy_study", tmp_path, monkeypatch, seeds=2)
-    workdir = str(tmp_path / "workdir")
-    first = json.load(open(os.path.join(tiny_run, "seed_0", "results.json")))
-    again = json.load(open(os.path.join(workdir, "seed_0", "results.json")))
-    assert again == first
-    for rel in ("eval/student_learned/test.jsonl", "labels/learned.jsonl", "switch/metrics.json"):
-        assert open(os.path.join(workdir, "seed_0", rel)).read() == open(os.path.join(tiny_run, "seed_0", rel)).read()
-    pooled = json.load(open(os.path.join(workdir, "results.json")))
+    for rel in ("results.json", "eval/student_learned/test.jsonl", "labels/learned.jsonl", "switch/metrics.json"):
+        assert (workdir / "seed_0" / rel).read_text() == open(os.path.join(tiny_run, "seed_0", rel)).read(), rel
+    pooled = json.loads((workdir / "results.json").read_text())
     assert pooled["seeds"] == [0, 1]
     single = {f["name"]: f for f in json.load(open(os.path.join(tiny_run, "results.json")))["findings"]}
     for f in pooled["findings"]:
@@ -61,9 +62,9 @@ def test_toy_study_notebook_reproduces_the_study_and_pools_seeds(tiny_run, tmp_p
         assert f["clips"] == sum(clips)
         assert f["diff"] == pytest.approx(sum(s["diff"] * n for s, n in zip(f["seeds"], clips)) / sum(clips))
     # Different seeds: a different world.
-    assert open(os.path.join(workdir, "seed_1", "eval", "audio", "test.jsonl")).read() != \
-        open(os.path.join(workdir, "seed_0", "eval", "audio", "test.jsonl")).read()
-    report = open(os.path.join(workdir, "results.md")).read()
+    assert (workdir / "seed_1" / "eval" / "audio" / "test.jsonl").read_text() != \
+        (workdir / "seed_0" / "eval" / "audio" / "test.jsonl").read_text()
+    report = (workdir / "results.md").read_text()
     assert "± " in report
     assert report in _outputs(notebook, "text/markdown")  # the notebook shows the report
     assert len(_outputs(notebook, "image/png")) == 3  # per-class accuracy, modality gap, findings
