@@ -159,12 +159,17 @@ def _decoded(tasks: Sequence, workers: int) -> Iterator[tuple]:
     try:
         while True:
             while len(in_flight) < 2 * workers and (task := next(tasks, None)) is not None:
-                in_flight.append((task, pool.submit(_convert_one, task)))
+                try:
+                    in_flight.append((task, pool.submit(_convert_one, task)))
+                except BrokenProcessPool:  # a worker died before this task could be handed over
+                    in_flight.append((task, None))
             if not in_flight:
                 return
             task, future = in_flight.popleft()
             try:
-                yield future.result()
+                if future is None:
+                    raise BrokenProcessPool("the pool broke before this clip reached it")
+                result = future.result()
             except BrokenProcessPool:
                 suspects = [task] + [t for t, _ in in_flight]
                 in_flight.clear()
@@ -172,6 +177,8 @@ def _decoded(tasks: Sequence, workers: int) -> Iterator[tuple]:
                 for suspect in suspects:
                     yield _alone(suspect)
                 pool = worker_pool(workers)
+                continue
+            yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -299,3 +299,32 @@ def test_decoder_crash_nan_and_silent_audio_and_changed_options(vgg, tmp_path, m
     assert not written["silent_000000"].pcm16.any() and written["y2x0_000030"].pcm16.std() > 1000
     with pytest.raises(ValueError, match=r"decoded with other options \(fps=2.0 there, 4.0 now\)"):
         _convert(tmp_path, csv_path, clips, analysis_size=0, workers=workers, fps=4)
+
+
+def test_a_pool_that_breaks_before_a_clip_is_handed_over_costs_no_clip(vgg, tmp_path, monkeypatch):
+    """A worker can die (on the clip before) while the next clips are being submitted: submit itself
+    then raises. Those clips are decoded again one by one, like the ones in flight, and none is lost."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    _, _, videos, _ = vgg
+    clips = tmp_path / "videos"
+    clips.mkdir()
+    names = ("y0x0_000030", "y1x0_000030", "y2x0_000030")
+    for name in names:
+        os.symlink(videos / f"{name}.mp4", clips / f"{name}.mp4")
+    csv_path = tmp_path / "clips.csv"
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([[n[:4], 30, CLASSES[i], "train"] for i, n in enumerate(names)])
+    started = converter.worker_pool
+
+    def broken_first(workers):
+        pool = started(workers)
+        if not getattr(broken_first, "done", False):
+            broken_first.done = True
+            with pytest.raises(BrokenProcessPool):
+                pool.submit(os._exit, 1).result()  # the first pool is broken before any clip is submitted
+        return pool
+
+    monkeypatch.setattr(converter, "worker_pool", broken_first)
+    manifest = _convert(tmp_path, csv_path, clips, analysis_size=0, workers=2)
+    assert manifest["skipped"] == [] and manifest["splits"]["train"]["num_examples"] == 3
