@@ -45,7 +45,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import add_language_model_args, append_result, machine, print_table, versions  # noqa: E402
+from common import (add_language_model_args, append_result, language_model_config, machine, print_table,  # noqa: E402
+                    versions)
 from data_pipelines.audio import window_frames  # noqa: E402
 
 EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -183,7 +184,6 @@ def child(args):
 
 def save_model(args, path):
     from distill_jax.convert import save_hf
-    from distill_jax.models.qwen2 import Qwen2Config
     from distill_jax.models.qwen2_audio import (Qwen2AudioConfig, Qwen2AudioEncoderConfig,
                                                 Qwen2AudioForConditionalGeneration)
 
@@ -191,9 +191,7 @@ def save_model(args, path):
         audio=Qwen2AudioEncoderConfig(num_mel_bins=128, encoder_layers=args.tower_layers,
                                       encoder_attention_heads=args.tower_heads, encoder_ffn_dim=args.tower_ffn,
                                       d_model=args.tower_dim, max_source_positions=1500),
-        text=Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads),
+        text=language_model_config(args),
         audio_token_index=args.vocab - 1)
     save_hf(Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(0)), path)
 

@@ -33,29 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grain  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from common import add_language_model_args, append_result, machine, print_table, versions  # noqa: E402
+from common import (add_language_model_args, append_result, distill_batch, distill_example, lora_student,  # noqa: E402
+                    machine, print_table, versions)
 from distill_jax import sharding  # noqa: E402
-from distill_jax.models import lora  # noqa: E402
-from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from distill_jax.train import loop  # noqa: E402
 from distill_jax.train.step import distill_objective  # noqa: E402
 
 LETTERS = list(range(10, 20))
-
-
-def example(i: int, seq: int, vocab: int) -> dict:
-    rng = np.random.default_rng(i)
-    return {"input_ids": rng.integers(20, vocab, seq).astype(np.int32), "attention_mask": np.ones(seq, np.int32),
-            "switch_closed": np.int32(i % 2), "teacher_letter": np.int32(i % 10),
-            "student_letter": np.int32((i + 3) % 10), "teacher_logits": np.zeros(10, np.float32),
-            "valid": np.int32(1), "clip_id": f"clip{i}"}
-
-
-def stack(examples: list[dict]) -> dict:
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 class Timed:
@@ -89,24 +74,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     args = p.parse_args()
 
-    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
     mesh = sharding.make_mesh({"fsdp": -1})
     loss_fn = distill_objective(LETTERS)
     batches_needed = args.steps + 1
 
     def run(batches) -> float:
-        model = sharding.create_sharded(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
-        lora.apply_lora(model, lora.LoraConfig(rank=8), rngs=nnx.Rngs(1))
+        model = lora_student(args, mesh)
         timed = Timed(batches)
         with jax.set_mesh(mesh):
             loop.train(model, loss_fn, timed, optimizer=loop.OptimizerConfig(total_steps=args.steps, warmup_steps=1),
                        loop=loop.LoopConfig(steps=args.steps, log_every=args.steps), mesh=mesh, name="overlap")
         return period_ms(timed.asked, time.perf_counter(), args.skip)
 
-    made = [stack([example(b * args.batch + j, args.seq, args.vocab) for j in range(args.batch)])
-            for b in range(batches_needed)]
+    made = [distill_batch(args.batch, args.seq, args.vocab, first=b * args.batch) for b in range(batches_needed)]
     fast = run(made)
 
     def generator(host_ms: float):
@@ -117,7 +97,7 @@ def main() -> None:
     def grain_pipeline(host_ms: float, threads: int):
         def slow_example(i):
             time.sleep(host_ms / 1000 / args.batch)
-            return example(int(i), args.seq, args.vocab)
+            return distill_example(int(i), args.seq, args.vocab)
 
         dataset = grain.MapDataset.range(batches_needed * args.batch).map(slow_example).batch(args.batch)
         return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
@@ -125,7 +105,7 @@ def main() -> None:
     rows, record = [("fast (made ahead)", 0, f"{fast:.1f}", "")], {"fast_ms": fast, "runs": []}
     for factor in (0.5, 1.0, 2.0):
         host_ms = factor * fast
-        for name, batches in ((f"generator, no prefetch", generator(host_ms)),
+        for name, batches in (("generator, no prefetch", generator(host_ms)),
                               (f"grain, {args.threads} threads", grain_pipeline(host_ms, args.threads))):
             period = run(batches)
             hidden = 1 - (period - fast) / host_ms

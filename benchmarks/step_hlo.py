@@ -22,14 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from common import add_language_model_args, append_result, machine, print_table, versions  # noqa: E402
+from common import (add_language_model_args, append_result, distill_batch, lora_student, machine,  # noqa: E402
+                    print_table, versions)
 from distill_jax import sharding  # noqa: E402
-from distill_jax.models import lora  # noqa: E402
-from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from distill_jax.train import loop  # noqa: E402
 from distill_jax.train.step import distill_objective  # noqa: E402
 
@@ -43,20 +40,13 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args()
-    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
     mesh = sharding.make_mesh({"fsdp": -1})
-    model = sharding.create_sharded(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
-    lora.apply_lora(model, lora.LoraConfig(rank=8), rngs=nnx.Rngs(1))
+    model = lora_student(args, mesh)
     tx = loop.make_optimizer(loop.OptimizerConfig(total_steps=10, warmup_steps=1))
     graphdef, state, frozen = loop.init_state(model, tx, mesh)
     step = loop.make_step(graphdef, tx, distill_objective(list(range(10, 20))))
     b, t = args.batch, args.seq
-    batch = {"input_ids": jnp.ones((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32),
-             "switch_closed": jnp.zeros(b, jnp.int32), "teacher_letter": jnp.zeros(b, jnp.int32),
-             "student_letter": jnp.zeros(b, jnp.int32), "teacher_logits": jnp.zeros((b, 10)),
-             "valid": jnp.ones(b, jnp.int32)}
+    batch = distill_batch(b, t, args.vocab)
     with jax.set_mesh(mesh):
         text = step.lower(state, frozen, batch, ()).compile().as_text()
 
