@@ -172,7 +172,7 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
     spec_of = dict(nnx.to_flat_state(specs)) if specs is not None else {}
     device = jax.local_devices()[0]
     filled = []
-    total = sum(int(np.prod(ckpt.shape(key))) * ckpt.tensors[key].dtype.itemsize for _, _, key, _ in plan)
+    total = sum(ckpt.nbytes(key) for _, _, key, _ in plan)
     progress = tqdm.tqdm(total=total, unit="B", unit_scale=True, leave=False, desc=f"loading {len(plan)} tensors",
                          disable=total < (1 << 30) or jax.process_index() > 0)  # shown for checkpoints over 1 GiB
     for path, var, key, fn in plan:
@@ -188,7 +188,7 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
 
         array = jax.make_array_from_callback(shape, target, read)
         filled.append((path, var.replace(array)))
-        progress.update(int(np.prod(ckpt.shape(key))) * ckpt.tensors[key].dtype.itemsize)
+        progress.update(ckpt.nbytes(key))
         progress.set_postfix_str(f"{len(filled)}/{len(plan)} tensors", refresh=False)
     progress.close()
     return nnx.merge(graphdef, nnx.from_flat_state(filled))

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from distill_jax import sharding as sharding_lib
 from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, identity, raise_on_mismatch
-from distill_jax.convert.safetensors_io import SafetensorsCheckpoint, metadata as safetensors_metadata
+from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.torch_pickle import read_pth
 from distill_jax.models.cnn14 import NUM_BLOCKS, Cnn14, Cnn14Config, default_rngs, mel_filters, stft_basis
 
@@ -108,8 +108,6 @@ def check_front_end(state: dict[str, np.ndarray], config: Cnn14Config, path: str
                                           "the checkpoint was made for another front end; pass its config=")
 
 
-
-
 def write_safetensors(state: dict[str, np.ndarray], config: Cnn14Config, file: str) -> str:
     """Save a PANN state dict (PANN key names, float32 as stored) with the config in the metadata."""
     from safetensors.numpy import save_file
@@ -172,8 +170,9 @@ def load_pann(path: str, config: Cnn14Config | str | None = None, *, write_copy:
     if path.endswith(".safetensors"):
         ckpt = SafetensorsCheckpoint(path)
         keys, shape_of, get = set(ckpt.keys()), ckpt.shape, ckpt.get
-        if config is None and METADATA_KEY in safetensors_metadata(path):
-            config = Cnn14Config.from_dict(json.loads(safetensors_metadata(path)[METADATA_KEY]))
+        written_with = ckpt.metadata().get(METADATA_KEY)
+        if config is None and written_with is not None:
+            config = Cnn14Config.from_dict(json.loads(written_with))
         front = {k: ckpt.get(k) for k in (STFT_REAL, STFT_IMAG, MEL) if k in ckpt}
         shapes = {k: np.broadcast_to(np.zeros((), np.uint8), ckpt.shape(k)) for k in keys}
         config = config or infer_config({**shapes, **front}, path)

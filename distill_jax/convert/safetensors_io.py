@@ -32,25 +32,25 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def header(file: str) -> dict:
-    """The raw JSON header of a safetensors file (names, dtypes, shapes, byte ranges, __metadata__)."""
+def _header(file: str) -> tuple[int, dict]:
+    """(its byte size, the raw JSON header) of a safetensors file: names, dtypes, shapes, byte
+    ranges, __metadata__."""
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{file}: not a safetensors file (shorter than its 8-byte header size)")
         (size,) = struct.unpack("<Q", raw)
         try:
-            return json.loads(f.read(size))
+            return size, json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
 
 
 def _explain(file: str, error: SafetensorError) -> ValueError:
     """safe_open's refusal, with the first tensor a cut reaches when the file is truncated."""
-    meta = header(file)
+    size, meta = _header(file)
     file_size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        available = file_size - 8 - struct.unpack("<Q", f.read(8))[0]
+    available = file_size - 8 - size
     cut = sorted((m["data_offsets"][0], m["data_offsets"][1], name) for name, m in meta.items()
                  if name != "__metadata__" and m["data_offsets"][1] > available)
     if not cut:
@@ -58,15 +58,6 @@ def _explain(file: str, error: SafetensorError) -> ValueError:
     start, end, name = cut[0]
     return ValueError(f"{file}: truncated ({file_size} bytes): tensor {name!r} needs data bytes {start}..{end} but "
                       f"the file holds {max(available, 0)}; {len(cut)} tensors cut (an interrupted download or copy?)")
-
-
-def metadata(file: str) -> dict[str, str]:
-    """A file's `__metadata__` (string to string)."""
-    try:
-        with safe_open(file, framework="np") as f:
-            return f.metadata() or {}
-    except SafetensorError as e:
-        raise _explain(file, e) from e
 
 
 class SafetensorsCheckpoint:
@@ -113,6 +104,16 @@ class SafetensorsCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.tensors[key].shape
+
+    def nbytes(self, key: str) -> int:
+        return self.tensors[key].dtype.itemsize * int(np.prod(self.tensors[key].shape, dtype=np.int64))
+
+    def metadata(self) -> dict[str, str]:
+        """The `__metadata__` of its files (string to string), merged."""
+        merged = {}
+        for handle in self._files.values():
+            merged.update(handle.metadata() or {})
+        return merged
 
     def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         """`tensor[index]` in the stored layout; only those bytes are read."""
