@@ -321,11 +321,21 @@ def stage_values(config, stage: str) -> dict:
     return values
 
 
+def stage_configs_file(seed_workdir) -> epath.Path:
+    return multihost.path(seed_workdir) / "stage_configs.json"
+
+
+def recorded_stage_configs(seed_workdir) -> dict:
+    """{stage: the config values its outputs in `seed_workdir` were made with} ({} if none)."""
+    record_file = stage_configs_file(seed_workdir)
+    return multihost.read_json(record_file) if record_file.exists() else {}
+
+
 def check_stage_configs(study, stages) -> None:
     """Refuse to reuse a stage's outputs made with other values of the config it depends on,
     naming the changed keys and what to delete; record the values of stages about to run."""
-    record_file = study.path("stage_configs.json")
-    recorded = multihost.read_json(record_file) if record_file.exists() else {}
+    record_file = stage_configs_file(study.workdir)
+    recorded = recorded_stage_configs(study.workdir)
     unchanged = dict(recorded)
     for stage in [s for s in STAGE_CONFIG if s in stages]:
         current = stage_values(study.config, stage)

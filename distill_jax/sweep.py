@@ -81,8 +81,7 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
     for seed in config.seeds:
         one = main_lib.seed_config(config, seed)
         target = main_lib.seed_dir(workdir, seed)
-        record_file = target / "stage_configs.json"
-        recorded = multihost.read_json(record_file) if record_file.exists() else {}
+        recorded = main_lib.recorded_stage_configs(target)
         done = copied.setdefault(int(seed), [])
         for stage in main_lib.STAGE_CONFIG:
             if stage not in config.stages:
@@ -92,8 +91,7 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
                 continue  # already here (an earlier sweep run)
             source = None
             for candidate in sources:
-                theirs = main_lib.seed_dir(candidate, seed) / "stage_configs.json"
-                if theirs.exists() and multihost.read_json(theirs).get(stage) == values:
+                if main_lib.recorded_stage_configs(main_lib.seed_dir(candidate, seed)).get(stage) == values:
                     source = main_lib.seed_dir(candidate, seed)
                     break
             if source is None:
@@ -107,7 +105,7 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
                         multihost.copy(student, target / "eval" / student.name)
             recorded[stage] = values
             done.append(stage)
-        multihost.write_json(record_file, recorded, indent=1, sort_keys=True)
+        multihost.write_json(main_lib.stage_configs_file(target), recorded, indent=1, sort_keys=True)
     multihost.sync(f"sweep reuse into {workdir}")
     return copied
 
