@@ -140,7 +140,6 @@ def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     return pool
 
 
-
 def _alone(task) -> tuple:
     """`task` decoded in a process of its own: a crash there is this clip's."""
     with worker_pool(1) as pool:

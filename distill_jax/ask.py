@@ -76,11 +76,14 @@ def letter_probabilities(model, modality: str, clips: Sequence[dict], options: S
     transform = _transform(modality, hub.checkpoint_dir(model_dir), max_seconds, fps)
     batcher = PadBatch(transform.padding(PROMPT_BUCKETS))
     copies = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+    scorers = {}  # per number of options: its letters' scorer
     out = []
     with jax.set_mesh(mesh):
         for clip, clip_options in zip(clips, options, strict=True):
-            letters = prompts.letter_token_ids(transform.tokenizer, prompts.LETTERS[:len(clip_options)])
-            compute = scoring.letter_scorer(model, letters, transform.model_inputs, mesh)
+            if len(clip_options) not in scorers:
+                letters = prompts.letter_token_ids(transform.tokenizer, prompts.LETTERS[:len(clip_options)])
+                scorers[len(clip_options)] = scoring.letter_scorer(model, letters, transform.model_inputs, mesh)
+            compute = scorers[len(clip_options)]
             example = transform({**clip, "options": tuple(clip_options)})
             batch = batcher([example] * copies)
             logits = local_rows(compute(place(batch, mesh), transform.static_inputs(batch)))[0]

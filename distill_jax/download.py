@@ -77,7 +77,8 @@ def fetch_file(name: str, out_dir: str, expected_md5: str, *, base_url: str = ZE
     """`out_dir/name`, downloaded and checked unless a copy whose SHA-256 matches its
     `.sha256` file is already there. A mismatch removes the download and raises."""
     path = os.path.join(out_dir, name)
-    if os.path.exists(path) and _recorded_sha256(path) == sha256_of(path):
+    recorded = _recorded_sha256(path)
+    if recorded is not None and os.path.exists(path) and recorded == sha256_of(path):
         print(f"{path}: present, SHA-256 checked", flush=True)
         return path
     os.makedirs(out_dir, exist_ok=True)
