@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("what", choices=("pann", "qwen"))
     p.add_argument("--out", default="ckpt", help="where the PANN files go (qwen: the Hugging Face cache)")
     args = p.parse_args(argv)
-    paths = fetch_pann(args.out) if args.what == "pann" else fetch_qwen()
+    paths = fetch_pann(args.out) if args.what == "pann" else fetch_qwen(QWEN_IDS)
     for path in paths:
         print(path)
 

@@ -57,3 +57,12 @@ def test_config_paths_take_hub_ids(hub_cache, tmp_path):
     assert "config.models" not in str(error.value)  # only the missing manifest and PANN file are refused
     study = Study(config, tmp_path / "w", mesh=None)
     assert str(study.model_dir("audio")).endswith(os.path.join("snapshots", COMMIT))
+
+
+def test_download_qwen_fills_the_cache_and_prints_each_snapshot(hub_cache, monkeypatch, capsys):
+    from distill_jax import download
+
+    monkeypatch.setattr(download, "QWEN_IDS", ("tiny-org/tiny-qwen2",))
+    download.main(["qwen"])
+    (printed,) = capsys.readouterr().out.split()
+    assert printed.endswith(os.path.join("snapshots", COMMIT)) and os.path.exists(os.path.join(printed, "config.json"))
