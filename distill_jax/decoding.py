@@ -47,12 +47,13 @@ def score_choices(model: nnx.Module, batch: dict, choice_token_ids) -> jax.Array
     return _score_choices(model, arrays, jnp.asarray(choice_token_ids, jnp.int32), tuple(sorted(static.items())))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(graphdef, state, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "static_items"))
+def _generate(graphdef, state, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+              inputs, static_items):
     model = nnx.merge(graphdef, state)
     batch, length = input_ids.shape
     cache = model.init_cache(batch, length + max_new_tokens)
-    logits, cache = model.forward_cached(cache, input_ids, attention_mask)
+    logits, cache = model.forward_cached(cache, input_ids, attention_mask, **inputs, **dict(static_items))
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
 
@@ -74,12 +75,13 @@ def _generate(graphdef, state, input_ids, attention_mask, max_new_tokens, eos_to
 
 
 def generate(model: nnx.Module, input_ids, attention_mask=None, max_new_tokens: int = 1, *,
-             eos_token_id: int | None = None, pad_token_id: int | None = None) -> jax.Array:
+             eos_token_id: int | None = None, pad_token_id: int | None = None, **inputs) -> jax.Array:
     """Greedy continuation [B, max_new_tokens] of a left-padded batch (= HF generate(do_sample=False)).
 
     After a row emits `eos_token_id` it emits `pad_token_id` (as HF does); with no
-    eos every row runs `max_new_tokens` steps. Compiled once per (prompt length,
-    max_new_tokens).
+    eos every row runs `max_new_tokens` steps. `inputs` are a multimodal model's other
+    prompt inputs (features, pixels, grids; through its `prepare_inputs`, as `score_choices`),
+    read by the prompt pass only. Compiled once per (prompt length, max_new_tokens, static inputs).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:
@@ -89,6 +91,12 @@ def generate(model: nnx.Module, input_ids, attention_mask=None, max_new_tokens: 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos_token_id if pad_token_id is None else pad_token_id) if eos_token_id is not None else 0
+    static = {}
+    if inputs:
+        prepare = getattr(model, "prepare_inputs", None)
+        batch = {"input_ids": np.asarray(input_ids), "attention_mask": np.asarray(attention_mask), **inputs}
+        inputs, static = prepare(batch) if prepare is not None else (inputs, {})
+        inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.bool_), max_new_tokens,
-                     jnp.int32(eos), jnp.int32(pad))
+                     jnp.int32(eos), jnp.int32(pad), inputs, tuple(sorted(static.items())))

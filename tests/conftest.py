@@ -133,3 +133,74 @@ def tiny_run(tmp_path_factory):
     finally:
         del os.environ["DISTILL_JAX_FAULT_LOG"]
     return workdir
+
+
+OMNI_TOKENS = dict(audio=300, image=301, video=302, audio_start=303, audio_end=304, vision_start=305, vision_end=306)
+
+
+def _omni_thinker_config():
+    """A tiny Qwen2_5OmniThinkerConfig: 8-frame audio windows (16 mel frames), 2x2-merged-patch vision
+    windows with full attention in blocks 1 and 3, M-RoPE sections (2, 3, 3)."""
+    import transformers
+
+    t = OMNI_TOKENS
+    return transformers.Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                          d_model=32, output_dim=64, n_window=8, max_source_positions=1500),
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1, 3]),
+        text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        audio_token_index=t["audio"], image_token_index=t["image"], video_token_index=t["video"],
+        audio_start_token_id=t["audio_start"], audio_end_token_id=t["audio_end"],
+        vision_start_token_id=t["vision_start"], vision_end_token_id=t["vision_end"])
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_omni_dir(tmp_path_factory):
+    """A tiny random HF Qwen2_5OmniThinkerForConditionalGeneration (ids in conftest.OMNI_TOKENS) -> (dir, model)."""
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("qwen2_5_omni_thinker")
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(_omni_thinker_config()).eval()
+    with torch.no_grad():  # random biases and norm scales, so parity sees them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_omni_full_dir(tmp_path_factory, tiny_qwen2_5_omni_dir):
+    """The same thinker inside a full Qwen2_5OmniForConditionalGeneration (tiny talker and token2wav),
+    saved as the hub's Qwen/Qwen2.5-Omni-7B is: `thinker.`, `talker.`, `token2wav.` keys."""
+    import torch
+    import transformers
+
+    t = OMNI_TOKENS
+    talker = dict(vocab_size=400, embedding_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, audio_token_index=t["audio"],
+                  image_token_index=t["image"], video_token_index=t["video"],
+                  audio_start_token_id=t["audio_start"], audio_end_token_id=t["audio_end"],
+                  vision_start_token_id=t["vision_start"], vision_end_token_id=t["vision_end"],
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ff_mult=1, emb_dim=16, head_dim=16,
+                        repeats=1, num_embeds=64, mel_dim=16, enc_emb_dim=16, enc_dim=16,
+                        enc_channels=[16, 16, 16, 16, 32], enc_kernel_sizes=[5, 3, 3, 3, 1],
+                        enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=8, enc_res2net_scale=2,
+                        enc_se_channels=8),
+        bigvgan_config=dict(mel_dim=16, upsample_initial_channel=16, resblock_kernel_sizes=[3],
+                            resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4]))
+    config = transformers.Qwen2_5OmniConfig(thinker_config=_omni_thinker_config().to_dict(), talker_config=talker,
+                                            token2wav_config=token2wav)
+    torch.manual_seed(1)
+    full = transformers.Qwen2_5OmniForConditionalGeneration(config).eval()
+    full.thinker.load_state_dict(tiny_qwen2_5_omni_dir[1].state_dict())
+    path = tmp_path_factory.mktemp("qwen2_5_omni_full")
+    full.save_pretrained(path)
+    return str(path)

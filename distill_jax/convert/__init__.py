@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, load_state
+from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, LoadReport, load_state
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.pann import load_pann  # PANN Cnn14 .pth / safetensors -> models.cnn14.Cnn14
-from distill_jax.models import qwen2, qwen2_audio, qwen2_vl
+from distill_jax.models import qwen2, qwen2_5_omni, qwen2_audio, qwen2_vl
 from distill_jax.sharding import abstract_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,24 @@ def _qwen2_vl_key_map(config: qwen2_vl.Qwen2VLConfig) -> KeyMap:
                        ("visual.", "model.visual.")))
 
 
+def _qwen2_5_omni_key_map(config: qwen2_5_omni.Qwen2_5OmniConfig, prefix: str = "") -> KeyMap:
+    """Thinker keys as `save_pretrained` writes them (`audio_tower.`, `visual.`, `model.`, `lm_head`);
+    the full Qwen2.5-Omni checkpoint puts them under `thinker.` beside the speech decoder, skipped."""
+    ignore = [r"\.rotary_emb\.inv_freq$"]
+    if config.text.tie_word_embeddings:
+        ignore.append(rf"^{prefix}lm_head\.weight$")
+    skip = ((r"^talker\.", "the talker (speech-token decoder)"),
+            (r"^token2wav\.", "token2wav (speech synthesis)")) if prefix else ()
+    return KeyMap(
+        prefixes=(("audio_tower.", (f"{prefix}audio_tower.",)), ("visual.", (f"{prefix}visual.",)),
+                  ("language_model.model.", (f"{prefix}model.",)), ("language_model.lm_head", (f"{prefix}lm_head",))),
+        ignore=tuple(ignore), skip=skip,
+        transforms={r"visual\.patch_embed\.proj\.kernel": _conv3d_as_matmul},
+        inverse_transforms={r"visual\.patch_embed\.proj\.kernel": _matmul_as_conv3d(config.vision)},
+        peft_prefixes=(("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+                       ("audio_tower.", "model.audio_tower."), ("visual.", "model.visual.")))
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2": Family(
         config_from_hf=lambda d, dtype: qwen2.Qwen2Config.from_hf(
@@ -100,6 +121,19 @@ FAMILIES: dict[str, Family] = {
             d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
         model_cls=qwen2_vl.Qwen2VLForConditionalGeneration,
         key_map=_qwen2_vl_key_map,
+    ),
+    "qwen2_5_omni_thinker": Family(
+        config_from_hf=lambda d, dtype: qwen2_5_omni.Qwen2_5OmniConfig.from_hf(
+            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        model_cls=qwen2_5_omni.Qwen2_5OmniThinker,
+        key_map=_qwen2_5_omni_key_map,
+    ),
+    # The full Qwen/Qwen2.5-Omni-7B checkpoint: its thinker is loaded, the speech decoder skipped.
+    "qwen2_5_omni": Family(
+        config_from_hf=lambda d, dtype: qwen2_5_omni.Qwen2_5OmniConfig.from_hf(
+            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        model_cls=qwen2_5_omni.Qwen2_5OmniThinker,
+        key_map=lambda config: _qwen2_5_omni_key_map(config, prefix="thinker."),
     ),
 }
 
@@ -144,6 +178,8 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
     `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
     layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla". `path` may
     be a hub id ("Qwen/Qwen2-Audio-7B-Instruct"), fetched into the Hugging Face cache (hub.py).
+    Checkpoint parts the model does not use (the full Qwen2.5-Omni's talker and token2wav) are
+    skipped and logged with their tensor counts (a `LoadReport`).
     """
     from distill_jax.hub import checkpoint_dir
 
@@ -158,7 +194,11 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
         # transformers' Qwen2-Audio never ties: its lm_head is the checkpoint's, whatever the config says
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
     abstract = abstract_model(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
-    return load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh)
+    report = LoadReport()
+    model = load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh, report=report)
+    if report.skipped:
+        log.warning("%s: %s", path, report)  # parts of the checkpoint this model does not use
+    return model
 
 
 def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -> str:
@@ -198,5 +238,5 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
     return str(out)
 
 
-__all__ = ["save_hf", "CheckpointMismatchError", "KeyMap", "load_hf", "read_hf_config", "key_map_for", "FAMILIES",
+__all__ = ["save_hf", "CheckpointMismatchError", "KeyMap", "LoadReport", "load_hf", "read_hf_config", "key_map_for", "FAMILIES",
            "load_pann"]

@@ -54,12 +54,15 @@ class KeyMap:
     prefixes: (our prefix, [checkpoint prefixes]) tried in order; the first whose
       key exists is used (e.g. Qwen2-VL's `model.` vs `model.language_model.` naming).
     ignore: regexes of checkpoint keys that are known to carry nothing we need.
+    skip: (regex, what it is) of checkpoint parts deliberately not loaded (e.g. Qwen2.5-Omni's
+      speech decoder); unlike `ignore` they are counted in the load report.
     leaves: our leaf name -> (checkpoint leaf name, transform).
     transforms: per-parameter transform overrides (e.g. a Conv3d weight that we store as a matmul kernel).
     """
 
     prefixes: Sequence[tuple[str, Sequence[str]]] = (("", ("",)),)
     ignore: Sequence[str] = ()
+    skip: Sequence[tuple[str, str]] = ()
     leaves: dict[str, tuple[str, Transform]] = field(default_factory=lambda: dict(LEAVES))
     transforms: dict[str, Transform] = field(default_factory=dict)  # our-path regex -> transform override
     inverse_transforms: dict[str, Transform] = field(default_factory=dict)  # the same paths, ours -> checkpoint
@@ -107,6 +110,10 @@ class KeyMap:
     def ignored(self, key: str) -> bool:
         return any(re.search(p, key) for p in self.ignore)
 
+    def skipped(self, key: str) -> str | None:
+        """What `key` belongs to if it is in a part deliberately not loaded, else None."""
+        return next((what for pattern, what in self.skip if re.search(pattern, key)), None)
+
 
 def raise_on_mismatch(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
     """CheckpointMismatchError listing every missing, unexpected and mis-shaped key, if there is any."""
@@ -133,11 +140,25 @@ def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+@dataclass
+class LoadReport:
+    """What `load_state` read: tensors loaded, and the tensors of each skipped part (`KeyMap.skip`)."""
+
+    loaded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {self.loaded} tensors"]
+        parts += [f"skipped {n} tensors of {what}" for what, n in sorted(self.skipped.items())]
+        return "; ".join(parts)
+
+
 def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map: KeyMap, *,
-               dtype, mesh: Mesh | None = None) -> nnx.Module:
+               dtype, mesh: Mesh | None = None, report: LoadReport | None = None) -> nnx.Module:
     """A concrete model with every base parameter of `abstract_model` read from `ckpt`.
 
     LoRA parameters are not in base checkpoints and are left out (apply LoRA after loading).
+    `report`, when given, is filled in (tensors loaded; skipped parts with their counts).
     """
     graphdef, state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(state))
@@ -165,7 +186,12 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
                               f"{np.dtype(wanted)} ({_kind(wanted)})")
             continue
         plan.append((path, var, key, fn))
-    unexpected = sorted(k for k in ckpt.keys() if k not in used and not key_map.ignored(k))
+    skipped: dict[str, int] = {}
+    for k in ckpt.keys():
+        if k not in used and (what := key_map.skipped(k)) is not None:
+            skipped[what] = skipped.get(what, 0) + 1
+    unexpected = sorted(k for k in ckpt.keys() if k not in used and not key_map.ignored(k)
+                        and key_map.skipped(k) is None)
     raise_on_mismatch("checkpoint does not match the model", missing, unexpected, mismatched)
 
     specs = sharding_lib.param_partition_specs(state, mesh) if mesh is not None else None
@@ -191,4 +217,6 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
         progress.update(ckpt.nbytes(key))
         progress.set_postfix_str(f"{len(filled)}/{len(plan)} tensors", refresh=False)
     progress.close()
+    if report is not None:
+        report.loaded, report.skipped = len(filled), skipped
     return nnx.merge(graphdef, nnx.from_flat_state(filled))

@@ -271,6 +271,8 @@ class Qwen2Model(nnx.Module):
             index = cache["index"]
             if position_ids is None:
                 position_ids = default_position_ids(attention_mask, cache["key_valid"])
+                if "rope_delta" in cache:  # M-RoPE models: media runs shift the text positions after them
+                    position_ids = position_ids + cache["rope_delta"][:, None]
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache["key_valid"], attention_mask, index, axis=1)
         mask = causal_padding_mask(key_valid, t, offset=index)
         cfg = self.config
@@ -289,7 +291,7 @@ class Qwen2Model(nnx.Module):
         x = self.norm(x)
         if cache is None:
             return x
-        return x, {"index": index + t, "key_valid": key_valid, "layers": new_layers}
+        return x, {**cache, "index": index + t, "key_valid": key_valid, "layers": new_layers}
 
 
 class Qwen2ForCausalLM(nnx.Module):
