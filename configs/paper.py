@@ -8,6 +8,9 @@
 Arguments (comma-separated key=value after the colon): direction=vl_to_audio|audio_to_vl,
 audio= / visual= (Hugging Face checkpoint directories, converted on load by convert.load_hf),
 manifest= (the converted VGGSound manifest), pann= (a PANN Cnn14 .pth or its safetensors copy),
+audio_visual= (optional: a Qwen2.5-Omni checkpoint or hub id, e.g. Qwen/Qwen2.5-Omni-7B, scored on
+audio, silent video and sounded video as the audio-visual reference), teacher=audio_visual (its
+sounded-video answers teach the student instead of the other modality's model),
 mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device), topology=v5e-8|v4-8|v5p-8 (a
 preset below: mesh, batch sizes and remat whose compiled programs fit that slice's HBM,
 `benchmarks/tpu_aot.py`; it replaces mesh=).
@@ -20,6 +23,7 @@ and the student's own answer elsewhere. `sweep(add)` lists the ablations.
 import ml_collections
 
 from configs import toy
+from distill_jax import prompts
 
 # Per TPU slice: what fits, from `JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py` (libtpu's compiler,
 # per-chip peak memory of the compiled Qwen2-Audio-7B distill step and Qwen2-VL-7B scoring step;
@@ -35,7 +39,7 @@ TOPOLOGY_PRESETS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1",
-                         topology="")
+                         topology="", audio_visual="", teacher="")
     preset = {}
     if args["topology"]:
         if args["topology"] not in TOPOLOGY_PRESETS:
@@ -69,6 +73,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.models.audio.path = args["audio"] or None
     c.models.visual.path = args["visual"] or None
+    c.models.audio_visual.path = args["audio_visual"] or None
+    c.models.audio_visual.system_prompt = prompts.OMNI_SYSTEM  # its chat template's default system turn
+    c.models.audio_visual.min_pixels = 128 * 28 * 28  # Qwen2_5OmniProcessor's video bounds
+    c.models.audio_visual.max_pixels = 768 * 28 * 28
+    c.models.audio_visual.batch_size = preset.get("audio_visual_batch", 8)
+    c.teacher = args["teacher"] or None
+    c.warm_start.audio_visual = False
 
     c.evaluate.splits = ("analysis", "test")  # add "unseen" with an AudioSet manifest's split
     c.evaluate.batch_size = 16

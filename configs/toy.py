@@ -8,7 +8,10 @@
 Arguments (after the colon, comma-separated key=value): direction=vl_to_audio|audio_to_vl,
 seeds=<n> (repeat the whole study with seeds 0..n-1, each in workdir/seed_<s>/; the report pools
 the findings over them), scale=<float> (clips per class, x the toy world's default counts),
-tiny=1 (a seconds-long run for tests: few clips and steps). The default, one seed, runs in
+tiny=1 (a seconds-long run for tests: few clips and steps), audio_visual=1 (also warm-start a tiny
+Qwen2.5-Omni, the audio-visual reference, and score it on audio, silent video and sounded
+video; opt-in: it adds its own warm start and three scorings to the run, README),
+teacher=audio_visual (its sounded-video answers teach the student; implies audio_visual=1). The default, one seed, runs in
 about 6.5 minutes on 2 CPU cores (README); each further seed adds as much.
 
 Questions list all 20 toy classes in a fixed order (question_strategy "fixed"): tiny models
@@ -44,14 +47,17 @@ def tower(learning_rate, steps, batch_size, warmup_steps, hidden_size=128, inter
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, direction="vl_to_audio", scale="1.0", tiny="0", seeds="1")
+    args = parse_arg(arg, direction="vl_to_audio", scale="1.0", tiny="0", seeds="1", audio_visual="0", teacher="")
     tiny = args["tiny"] not in ("0", "", "false", "False")
+    audio_visual = args["audio_visual"] not in ("0", "", "false", "False") or args["teacher"] == "audio_visual"
     c = ml_collections.ConfigDict()
     c.toy = True
     # Each seed repeats the whole study (world, warm start, switch, distillation) in workdir/seed_<s>/;
     # the report pools the findings over them and gives mean +- sd.
     c.seeds = tuple(range(int(args["seeds"])))
     c.direction = args["direction"]
+    # None: the direction's other modality teaches; "audio_visual": the audio-visual model on sounded video.
+    c.teacher = args["teacher"] or config_dict.placeholder(str)
     c.stages = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
     c.compute_dtype = "float32"  # CPU; bfloat16 on TPU/GPU
@@ -84,6 +90,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.models = ml_collections.ConfigDict()
     c.models.audio = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))  # None: warm start's
     c.models.visual = ml_collections.ConfigDict(dict(path=config_dict.placeholder(str)))
+    # The audio-visual reference (Qwen2.5-Omni's thinker): a checkpoint, or (toy) warm_start.audio_visual's.
+    # Scored in the evaluate stage on each condition: "audio", "video" (silent), "audio_video" (sounded).
+    # Its prompts use `system_prompt` (Omni's own template default at paper scale) and frames resized
+    # within [min_pixels, max_pixels]; batch_size: its scoring batch (None: evaluate.batch_size).
+    c.models.audio_visual = ml_collections.ConfigDict(dict(
+        path=config_dict.placeholder(str), conditions=prompts.CONDITIONS, system_prompt=prompts.DEFAULT_SYSTEM,
+        min_pixels=56 * 56, max_pixels=28 * 28 * 1280, batch_size=config_dict.placeholder(int)))
     # The language models' attention: "xla" | "cudnn" | "flash" (Pallas, TPU; passes with a KV cache
     # run "xla"); None: by the platform ("flash" on TPU where shapes allow, else "xla").
     c.models.attention_impl = config_dict.placeholder(str)
@@ -102,7 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warm_start.models = ml_collections.ConfigDict(dict(
         audio=tower(3e-3, steps=4 if tiny else 300, batch_size=8 if tiny else 32, warmup_steps=1 if tiny else 60),
         visual=tower(1.5e-3, steps=4 if tiny else 400, batch_size=8 if tiny else 32, warmup_steps=1 if tiny else 60,
-                     tower_dim=32)))
+                     tower_dim=32),
+        audio_visual=tower(1.5e-3, steps=4 if tiny else 300, batch_size=8 if tiny else 32,
+                           warmup_steps=1 if tiny else 60, tower_dim=32)))
+    c.warm_start.audio_visual = audio_visual  # warm-start the tiny audio-visual model (models.audio_visual)
 
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.splits = ("analysis", "test", "unseen")

@@ -178,6 +178,117 @@ def qwen2_vl_model_inputs(batch: dict, grid=None) -> dict:
             "position_ids": batch["position_ids"].transpose(2, 0, 1)}
 
 
+class Qwen2_5OmniTransform(PromptTransform):
+    """One clip as Qwen2.5-Omni is shown it in `condition` ("audio", "video" (silent) or
+    "audio_video" (sounded, `use_audio_in_video`)), and the multiple-choice prompt.
+
+    Output: input_ids int32 and their TMRoPE positions int32 [T, 3] (= HF get_rope_index), and
+    as the condition needs: input_features float32 [128, F] + feature_attention_mask int32 [F]
+    (the Whisper front end as for Qwen2-Audio; F: whole windows of `2 * n_window` frames that
+    hold the longest clip: the tower zeroes what follows a clip, so these are exactly the
+    processor's 30 s features' embeddings), pixel_values_videos float32 [t*h*w, 1176] +
+    video_grid_thw int32 [3] (Qwen2-VL's video preprocessing with the Omni processor's pixel
+    bounds; one temporal patch = `temporal_patch_size / fps` seconds). The token ids and timing
+    come from the checkpoint's config.json in `model_dir` (which also holds the tokenizer).
+    """
+
+    def __init__(self, model_dir: str, condition: str, *,
+                 config: vision.VisionPreprocessConfig = vision.VisionPreprocessConfig(
+                     min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28),
+                 max_seconds: float = audio.MAX_SECONDS, chunk_seconds: float = audio.MAX_SECONDS,
+                 system: str | None = prompts.OMNI_SYSTEM, **prompt_kw):
+        if condition not in prompts.CONDITIONS:
+            raise ValueError(f"condition {condition!r} is not one of {prompts.CONDITIONS}")
+        super().__init__(model_dir, system=system, **prompt_kw)
+        self.condition, self.config = condition, config
+        self.max_seconds, self.chunk_seconds = max_seconds, chunk_seconds
+        self._model_config = None
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.condition != "video"
+
+    @property
+    def uses_video(self) -> bool:
+        return self.condition != "audio"
+
+    @property
+    def model_config(self):
+        if self._model_config is None:
+            import json
+            import os
+
+            from distill_jax.models.qwen2_5_omni import Qwen2_5OmniConfig
+
+            with open(os.path.join(self.tokenizer_dir, "config.json")) as f:
+                self._model_config = Qwen2_5OmniConfig.from_hf(json.load(f))
+        return self._model_config
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_model_config": None}
+
+    def num_frames(self) -> int:
+        """Mel frames per clip: whole tower windows holding a `max_seconds` clip."""
+        window = self.model_config.audio.window_frames
+        real = audio.num_audio_frames(int(round(self.max_seconds * audio.SAMPLE_RATE)),
+                                      max_seconds=self.chunk_seconds)
+        return -(-real // window) * window
+
+    def __call__(self, example: dict) -> dict:
+        cfg = self.model_config
+        out, kw, grids, frames, seconds = {}, {}, (), (), ()
+        try:
+            if self.uses_audio:
+                keep = self.num_frames()
+                features, mask = audio.log_mel_features(
+                    example["audio"], sample_rate=example["sample_rate"], max_seconds=self.chunk_seconds,
+                    num_frames=audio.window_frames(self.max_seconds, chunk_seconds=self.chunk_seconds))
+                out.update(input_features=np.ascontiguousarray(features[:, :keep]),
+                           feature_attention_mask=mask[:keep])
+                frames = (int(mask.sum()),)
+                kw["num_audio_tokens"] = audio.num_audio_tokens(frames[0])
+            if self.uses_video:
+                pixels, grid = vision.preprocess_video(example["frames"], source_fps=example["fps"],
+                                                       config=self.config)
+                out.update(pixel_values_videos=pixels, video_grid_thw=np.asarray(grid, np.int32))
+                grids, seconds = (tuple(int(v) for v in grid),), (self.config.temporal_patch_size / self.config.fps,)
+                kw.update(grid_thw=grid, second_per_grid=seconds[0], merge_size=self.config.merge_size,
+                          position_id_per_seconds=cfg.position_id_per_seconds,
+                          seconds_per_chunk=cfg.seconds_per_chunk)
+        except ValueError as e:
+            raise ValueError(f"clip {example['clip_id']}: {e}") from e
+        question = prompts.format_question(example["options"], self.question_template)
+        ids = np.asarray(prompts.encode_qwen2_5_omni(self.tokenizer, question, self.condition, system=self.system,
+                                                     **kw), np.int32)
+        from distill_jax.models.qwen2_5_omni import rope_index
+
+        positions, _ = rope_index(ids[None], None, cfg, video_grids=grids, audio_frames=frames,
+                                  video_second_per_grid=seconds, use_audio_in_video=self.condition == "audio_video")
+        return {**out, "input_ids": ids, "position_ids": np.ascontiguousarray(positions[:, 0].T, np.int32)}
+
+    def worst_case(self, example: dict) -> dict:
+        if not self.uses_audio:
+            return example
+        return {**example, "audio": np.zeros(int(self.max_seconds * example["sample_rate"]), np.float32)}
+
+    def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024)) -> dict[str, Pad]:
+        return {**super().padding(buckets), "position_ids": Pad(tuple(buckets), value=0, side="left")}
+
+    def static_inputs(self, batch: dict) -> tuple:
+        return (("video_grid", batch_grid(batch)),) if self.uses_video else ()
+
+    def model_inputs(self, arrays: dict, static: tuple) -> dict:
+        out = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
+               "position_ids": arrays["position_ids"].transpose(2, 0, 1)}
+        if self.uses_audio:
+            out.update(input_features=arrays["input_features"], feature_attention_mask=arrays["feature_attention_mask"])
+        if self.uses_video:
+            pixels = arrays["pixel_values_videos"]
+            out.update(pixel_values_videos=pixels.reshape(-1, pixels.shape[-1]),
+                       video_grid_thw=(tuple(dict(static)["video_grid"]),) * pixels.shape[0])
+        return out
+
+
 class WaveformTransform:
     """The clip's mono waveform cut or zero-padded to `seconds` (the switch's input): waveform
     float32 [seconds * sample_rate], num_samples int32 (real samples before padding)."""

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from distill_jax import faults, multihost, sharding
+from distill_jax import faults, multihost, prompts, sharding
 from distill_jax.lock import WorkdirBusyError, WorkdirLock
 from distill_jax.stages import common
 
@@ -109,7 +109,20 @@ def check_config(config, stages) -> None:
         errors.append(f"config.seeds={seeds}: expected distinct integers in [0, 2**31), at least one")
     errors += [_choice(config, "direction", sorted(common.ROLES)),
                _choice(config, "compute_dtype", ("float32", "bfloat16")),
-               _choice(config, "models.attention_impl", IMPLEMENTATIONS, none_ok=True)]
+               _choice(config, "models.attention_impl", IMPLEMENTATIONS, none_ok=True),
+               _choice(config, "teacher", (common.AUDIO_VISUAL,), none_ok=True)]
+    av = config.models.audio_visual
+    conditions = tuple(av.conditions)
+    if not conditions or any(c not in prompts.CONDITIONS for c in conditions) or len(set(conditions)) < len(conditions):
+        errors.append(f"config.models.audio_visual.conditions={conditions}: expected distinct names from "
+                      f"{prompts.CONDITIONS}")
+    errors += [_number(config, "models.audio_visual.min_pixels", kind=int, low=28 * 28),
+               _number(config, "models.audio_visual.max_pixels", kind=int, low=28 * 28),
+               _number(config, "models.audio_visual.batch_size", kind=int, low=1, none_ok=True)]
+    has_audio_visual = bool(av.path) or (config.toy and config.warm_start.audio_visual)
+    if config.teacher == common.AUDIO_VISUAL and not (has_audio_visual and "audio_video" in conditions):
+        errors.append("config.teacher='audio_visual' needs an audio-visual model (config.models.audio_visual.path; "
+                      "toy: warm_start.audio_visual=True) scored on 'audio_video' (models.audio_visual.conditions)")
     for axis in ("data", "fsdp", "tensor"):
         value = config.mesh[axis]
         if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1):
@@ -133,7 +146,7 @@ def check_config(config, stages) -> None:
         errors += [_number(config, "data.world.scale", low=0, low_open=True),
                    _number(config, "data.world.fps", low=0, low_open=True),
                    _number(config, "data.world.workers", kind=int, low=0)]
-        for modality in common.MODALITIES:
+        for modality in common.MODALITIES + ((common.AUDIO_VISUAL,) if config.warm_start.audio_visual else ()):
             key = f"warm_start.models.{modality}"
             errors += [_number(config, f"{key}.learning_rate", low=0, low_open=True),
                        _number(config, f"{key}.steps", kind=int, low=1),
@@ -203,7 +216,7 @@ def check_config(config, stages) -> None:
     if not config.toy:
         from distill_jax.hub import is_hub_id
 
-        for modality in common.MODALITIES:
+        for modality in common.MODALITIES + ((common.AUDIO_VISUAL,) if av.path else ()):
             path = config.models[modality].path
             if not path or not (is_hub_id(path) or (multihost.path(path) / "config.json").exists()):
                 errors.append(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
@@ -235,6 +248,10 @@ def check_batch_sizes(config, mesh) -> None:
     keys = ["evaluate.batch_size", "label.batch_size", "distill.batch_size", "switch.batch_size"]
     if config.toy:
         keys += [f"warm_start.models.{m}.batch_size" for m in common.MODALITIES]
+        if config.warm_start.audio_visual:
+            keys.append(f"warm_start.models.{common.AUDIO_VISUAL}.batch_size")
+    if config.models.audio_visual.batch_size:
+        keys.append("models.audio_visual.batch_size")
     errors = [f"config.{k}={_get(config, k)}: expected a multiple of {shards} (the mesh's data x fsdp devices) and "
               f"of the {jax.process_count()} processes" for k in keys
               if _get(config, k) % shards or _get(config, k) % jax.process_count()]
@@ -262,6 +279,9 @@ def check_workdir(config, workdir) -> None:
     if previous.get("direction") != config.direction and directed:
         raise ConfigError(f"workdir {workdir} holds {directed} made with direction={previous.get('direction')!r}; "
                           f"config.direction={config.direction!r} needs another workdir (or delete those)")
+    if previous.get("teacher") != config.get("teacher") and directed:
+        raise ConfigError(f"workdir {workdir} holds {directed} made with teacher={previous.get('teacher')!r}; "
+                          f"config.teacher={config.get('teacher')!r} needs another workdir (or delete those)")
     current = json.loads(config.to_json_best_effort())
     changed = sorted(k for k in set(current) | set(previous) if current.get(k) != previous.get(k) and k != "stages")
     if changed and multihost.is_main():
@@ -297,23 +317,39 @@ STAGE_CONFIG = {
     "prepare": ("toy", "data.manifest", "data.world.scale", "data.world.fps"),
     "warm_start": ("warm_start.split", "warm_start.weight_decay", "warm_start.models", *_PROMPT),
     "evaluate": ("models.audio.path", "models.visual.path", "models.attention_impl", *_PROMPT),
-    "switch": ("direction", "switch.split", "switch.eval_split", "switch.backbone", "switch.finetune",
+    "switch": ("direction", "teacher", "switch.split", "switch.eval_split", "switch.backbone", "switch.finetune",
                "switch.label_mode", "switch.sample_rule", "switch.class_margin", "switch.threshold",
                "switch.learning_rate", "switch.batch_size", "switch.epochs"),
     "label": ("label.split",),
     "distill": ("distill.loss", "distill.temperature", "distill.lora", "distill.batch_size", "distill.epochs",
                 "distill.max_steps", "distill.learning_rate", "distill.warmup_steps", "distill.weight_decay",
                 "distill.clip_norm", "distill.accumulate_steps", "distill.remat"),
+    # The audio-visual model (its warm start and its scoring), apart from the chain above: adding it to a
+    # run leaves the two models' outputs valid. With config.teacher="audio_visual" the switch, label and
+    # distill stages depend on it too (`stage_values`).
+    "audio_visual": ("warm_start.audio_visual", "models.audio_visual.path", "models.audio_visual.system_prompt",
+                     "models.audio_visual.min_pixels", "models.audio_visual.max_pixels"),
 }
+_AUDIO_VISUAL_BASE = ("prepare", "warm_start", "evaluate")  # the stages whose values it depends on
 # What a stage writes in a seed's workdir: its recorded config is checked while any of it exists.
 STAGE_OUTPUTS = {"prepare": ("data", "tokenizer"), "warm_start": ("models",),
-                 "evaluate": ("eval/audio", "eval/visual", "eval/summary.json"), "switch": ("switch",),
-                 "label": ("labels",), "distill": ("distill",)}
+                 "evaluate": ("eval/audio", "eval/visual", "eval/audio_visual_audio", "eval/audio_visual_video",
+                              "eval/audio_visual_audio_video", "eval/summary.json"), "switch": ("switch",),
+                 "label": ("labels",), "distill": ("distill",),
+                 "audio_visual": ("models/audio_visual", "tokenizer_omni", "eval/audio_visual_audio",
+                                  "eval/audio_visual_video", "eval/audio_visual_audio_video")}
 
 
 def stage_values(config, stage: str) -> dict:
     """The config values `stage`'s outputs depend on: its own and every earlier stage's."""
-    keys = [k for s in list(STAGE_CONFIG)[:list(STAGE_CONFIG).index(stage) + 1] for k in STAGE_CONFIG[s]]
+    chain = [s for s in STAGE_CONFIG if s != "audio_visual"]
+    if stage == "audio_visual":
+        stages = [*_AUDIO_VISUAL_BASE, "audio_visual"]
+    else:
+        stages = chain[:chain.index(stage) + 1]
+        if config.get("teacher") == common.AUDIO_VISUAL and stage in ("switch", "label", "distill"):
+            stages.append("audio_visual")
+    keys = [k for s in stages for k in STAGE_CONFIG[s]]
     values = {"seed": config.seed}
     for key in keys:
         value = _get(config, key)
@@ -337,6 +373,8 @@ def check_stage_configs(study, stages) -> None:
     record_file = stage_configs_file(study.workdir)
     recorded = recorded_stage_configs(study.workdir)
     unchanged = dict(recorded)
+    if study.audio_visual and {"warm_start", "evaluate"} & set(stages):
+        stages = [*stages, "audio_visual"]
     for stage in [s for s in STAGE_CONFIG if s in stages]:
         current = stage_values(study.config, stage)
         before = recorded.get(stage)

@@ -44,6 +44,16 @@ VIDEO_TOKEN = "<|video_pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 
+# Qwen2.5-Omni special tokens (its tokenizer's names; audio ones as Qwen2-Audio's) and system turn.
+VISION_BOS = "<|vision_bos|>"
+VISION_EOS = "<|vision_eos|>"
+OMNI_IMAGE = "<|IMAGE|>"
+OMNI_VIDEO = "<|VIDEO|>"
+OMNI_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+               "auditory and visual inputs, as well as generating text and speech.")
+# What the audio-visual model is shown: the sound alone, the silent video, or the video with its sound.
+CONDITIONS = ("audio", "video", "audio_video")
+
 
 # ---------------------------------------------------------------------------------------------
 # Question text
@@ -129,6 +139,68 @@ def qwen2_vl_prompt(question: str, *, num_vision_tokens: int, kind: str = "video
     return chatml_prompt(f"{VISION_START}{pad * num_vision_tokens}{VISION_END}{question}", system=system)
 
 
+def chunk_bounds(times: Sequence[float], per_chunk: float) -> list[tuple[int, int]]:
+    """(start, end) runs of non-decreasing `times` cut where they cross k * per_chunk, k = 1, 2, ...
+    (= Qwen2.5-Omni's get_chunked_index, in the processor and in the model's position index)."""
+    bounds, start, chunk = [], 0, 1
+    for i, value in enumerate(times):
+        if value >= chunk * per_chunk:
+            bounds.append((start, i))
+            start, chunk = i, chunk + 1
+    bounds.append((start, len(times)))
+    return bounds
+
+
+def sounded_video_placeholder(grid_thw, num_audio_tokens: int, *, second_per_grid: float,
+                              position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
+                              merge_size: int = 2) -> str:
+    """The media part of a Qwen2.5-Omni sounded-video prompt (= Qwen2_5OmniProcessor's
+    replace_video_with_audio_token): `<|vision_bos|><|audio_bos|>`, then per `seconds_per_chunk`
+    of time the chunk's `<|VIDEO|>` tokens and its `<|AUDIO|>` tokens, then `<|audio_eos|><|vision_eos|>`.
+
+    A video token's time is its temporal patch x `second_per_grid` x `position_id_per_seconds`;
+    the k-th audio token's is k (25 audio tokens a second).
+    """
+    t, h, w = (int(v) for v in grid_thw)
+    video_times = np.repeat(np.arange(t), (h // merge_size) * (w // merge_size)) * second_per_grid \
+        * position_id_per_seconds
+    per_chunk = int(position_id_per_seconds * seconds_per_chunk)
+    video_chunks = chunk_bounds(video_times, per_chunk)
+    audio_chunks = chunk_bounds(np.arange(int(num_audio_tokens)), per_chunk)
+    parts = [VISION_BOS, AUDIO_BOS]
+    for k in range(max(len(video_chunks), len(audio_chunks))):
+        if k < len(video_chunks):
+            parts.append(OMNI_VIDEO * (video_chunks[k][1] - video_chunks[k][0]))
+        if k < len(audio_chunks):
+            parts.append(AUDIO_TOKEN * (audio_chunks[k][1] - audio_chunks[k][0]))
+    return "".join(parts + [AUDIO_EOS, VISION_EOS])
+
+
+def qwen2_5_omni_prompt(question: str, condition: str, *, num_audio_tokens: int = 0, grid_thw=None,
+                        second_per_grid: float = 1.0, position_id_per_seconds: float = 25,
+                        seconds_per_chunk: float = 2.0, merge_size: int = 2, system: str | None = OMNI_SYSTEM) -> str:
+    """The text Qwen2.5-Omni's chat template renders for one user turn holding the clip as
+    `condition` shows it ("audio": its sound; "video": the silent video; "audio_video": the video
+    with its sound, `use_audio_in_video`) and then `question`, placeholders expanded as the
+    processor expands them. The template's default system turn is `OMNI_SYSTEM`."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r} is not one of {CONDITIONS}")
+    if condition != "video" and int(num_audio_tokens) < 1:
+        raise ValueError(f"condition {condition!r} needs num_audio_tokens >= 1, got {num_audio_tokens}")
+    if condition != "audio" and grid_thw is None:
+        raise ValueError(f"condition {condition!r} needs the video's grid_thw")
+    if condition == "audio":
+        media = f"{AUDIO_BOS}{AUDIO_TOKEN * int(num_audio_tokens)}{AUDIO_EOS}"
+    elif condition == "video":
+        t, h, w = (int(v) for v in grid_thw)
+        media = f"{VISION_BOS}{OMNI_VIDEO * (t * h * w // merge_size ** 2)}{VISION_EOS}"
+    else:
+        media = sounded_video_placeholder(grid_thw, num_audio_tokens, second_per_grid=second_per_grid,
+                                          position_id_per_seconds=position_id_per_seconds,
+                                          seconds_per_chunk=seconds_per_chunk, merge_size=merge_size)
+    return chatml_prompt(media + question, system=system)
+
+
 # ---------------------------------------------------------------------------------------------
 # Token ids
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +237,18 @@ def encode_qwen2_vl(tokenizer, question: str, num_vision_tokens: int, kind: str 
     text = qwen2_vl_prompt(question, num_vision_tokens=num_vision_tokens, kind=kind, **kw)
     pad = VIDEO_TOKEN if kind == "video" else IMAGE_TOKEN
     return encode_prompt(tokenizer, text, expect={pad: int(num_vision_tokens)})
+
+
+def encode_qwen2_5_omni(tokenizer, question: str, condition: str, **kw) -> list[int]:
+    """Token ids of `qwen2_5_omni_prompt(question, condition, **kw)`, placeholder counts checked."""
+    text = qwen2_5_omni_prompt(question, condition, **kw)
+    expect = {}
+    if condition != "video":
+        expect[AUDIO_TOKEN] = int(kw["num_audio_tokens"])
+    if condition != "audio":
+        t, h, w = (int(v) for v in kw["grid_thw"])
+        expect[OMNI_VIDEO] = t * h * w // kw.get("merge_size", 2) ** 2
+    return encode_prompt(tokenizer, text, expect=expect)
 
 
 def letter_token_ids(tokenizer, letters: Sequence[str] | str = LETTERS[:NUM_OPTIONS]) -> list[int]:

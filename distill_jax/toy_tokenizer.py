@@ -34,6 +34,11 @@ SPECIAL_TOKENS = [
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
+# Qwen2.5-Omni's own names for its vision tokens (its ids equal Qwen2-VL's vision_start/end and
+# image/video pads); added after the others only for a toy Omni (`omni=True`), so the audio and
+# visual toy models' vocabulary is the same with or without it.
+OMNI_SPECIAL_TOKENS = ["<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>"]
+
 # Qwen2-Audio-7B-Instruct's chat template (= Qwen2AudioProcessor.default_chat_template).
 QWEN2_AUDIO_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}"
@@ -83,7 +88,7 @@ _CORPUS = [
 BPE_VOCAB_SIZE = 384  # 256 byte symbols + 128 merges; the special tokens come on top.
 
 
-def _build(corpus: list[str], vocab_size: int) -> Tokenizer:
+def _build(corpus: list[str], vocab_size: int, special: list[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -97,22 +102,25 @@ def _build(corpus: list[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size, min_frequency=2, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(corpus * 4, trainer=trainer, length=len(corpus) * 4)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special)
     return tok
 
 
-def make_qwen2_tokenizer(path, *, words: Sequence[str] = (), vocab_size: int = BPE_VOCAB_SIZE) -> str:
+def make_qwen2_tokenizer(path, *, words: Sequence[str] = (), vocab_size: int = BPE_VOCAB_SIZE,
+                         omni: bool = False) -> str:
     """Write a tiny Qwen2 tokenizer directory at `path` (created if needed); returns the path.
 
     `words`: extra corpus lines (e.g. class names, also as "A. name" option lines);
-    `vocab_size`: BPE symbols before the special tokens (256 bytes + merges).
+    `vocab_size`: BPE symbols before the special tokens (256 bytes + merges); `omni`: add
+    Qwen2.5-Omni's vision tokens (`OMNI_SPECIAL_TOKENS`) after the others.
     """
+    special = SPECIAL_TOKENS + (OMNI_SPECIAL_TOKENS if omni else [])
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     corpus = list(_CORPUS)
     for word in words:
         corpus += [word, *(f"{letter}. {word}" for letter in LETTERS)]
-    tok = _build(corpus, vocab_size)
+    tok = _build(corpus, vocab_size, special)
     for letter in LETTERS:
         ids = tok.encode(letter, add_special_tokens=False).ids
         assert len(ids) == 1, (letter, ids)
@@ -120,12 +128,12 @@ def make_qwen2_tokenizer(path, *, words: Sequence[str] = (), vocab_size: int = B
     added = {
         str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                   "single_word": False, "special": True}
-        for t in SPECIAL_TOKENS
+        for t in special
     }
     config = {
         "tokenizer_class": "Qwen2Tokenizer",
         "added_tokens_decoder": added,
-        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "additional_special_tokens": special[1:],
         "bos_token": None,
         "eos_token": "<|im_end|>",  # Qwen2-*-Instruct's eos; the base models use <|endoftext|>
         "pad_token": "<|endoftext|>",

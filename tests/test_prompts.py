@@ -196,3 +196,62 @@ def test_encode_rejects_tokenizer_without_audio_token(tmp_path):
     plain = transformers.PreTrainedTokenizerFast(tokenizer_object=raw)
     with pytest.raises(ValueError, match=r"<\|AUDIO\|>"):
         prompts.encode_qwen2_audio(plain, "q", num_audio_tokens=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2.5-Omni
+# ---------------------------------------------------------------------------------------------
+
+def _hf_sounded_video(grid, second_per_grid, num_audio):
+    """Qwen2_5OmniProcessor's own expansion of a video with its audio (its method, on a stand-in for
+    the processor object: building the real one needs torchvision's video processor)."""
+    import types
+
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor
+
+    stand_in = types.SimpleNamespace(
+        video_processor=types.SimpleNamespace(merge_size=2), audio_bos_token=prompts.AUDIO_BOS,
+        audio_eos_token=prompts.AUDIO_EOS, video_token=prompts.OMNI_VIDEO, audio_token=prompts.AUDIO_TOKEN,
+        get_chunked_index=lambda indices, per_chunk: Qwen2_5OmniProcessor.get_chunked_index(None, indices, per_chunk))
+    body = Qwen2_5OmniProcessor.replace_video_with_audio_token(
+        stand_in, {"video_grid_thw": [np.asarray(grid)], "video_second_per_grid": [second_per_grid]}, 0,
+        {"num_audio_tokens": [num_audio]}, 0, position_id_per_seconds=25, seconds_per_chunk=2.0)
+    return prompts.VISION_BOS + body + prompts.VISION_EOS  # the chat template's <|vision_bos|><|VIDEO|><|vision_eos|>
+
+
+@pytest.mark.parametrize("grid, second_per_grid, num_audio", [
+    ((10, 26, 46), 1.0, 250),  # a VGGSound clip: 10 s at 2 fps, 360x640 -> 364x644, 30 s window's first 10 s
+    ((3, 4, 6), 2.0, 17),  # video chunks past the audio's
+    ((2, 4, 4), 0.5, 180),  # audio chunks past the video's
+])
+def test_sounded_video_layout_equals_the_omni_processor(grid, second_per_grid, num_audio):
+    ours = prompts.sounded_video_placeholder(grid, num_audio, second_per_grid=second_per_grid)
+    assert ours == _hf_sounded_video(grid, second_per_grid, num_audio)
+    assert ours.count(prompts.AUDIO_TOKEN) == num_audio
+    assert ours.count(prompts.OMNI_VIDEO) == grid[0] * grid[1] * grid[2] // 4
+
+
+@pytest.fixture(scope="module")
+def omni_tok(tmp_path_factory):
+    return prompts.load_tokenizer(make_qwen2_tokenizer(tmp_path_factory.mktemp("omni_tok"), omni=True))
+
+
+def test_omni_prompts_of_the_three_conditions(omni_tok, tok):
+    question = prompts.format_question(OPTIONS)
+    audio = prompts.qwen2_5_omni_prompt(question, "audio", num_audio_tokens=5)
+    assert audio == (f"<|im_start|>system\n{prompts.OMNI_SYSTEM}<|im_end|>\n<|im_start|>user\n<|audio_bos|>"
+                     f"{'<|AUDIO|>' * 5}<|audio_eos|>{question}<|im_end|>\n<|im_start|>assistant\n")
+    video = prompts.qwen2_5_omni_prompt(question, "video", grid_thw=(2, 4, 6), system=None)
+    assert video == f"<|im_start|>user\n<|vision_bos|>{'<|VIDEO|>' * 12}<|vision_eos|>{question}<|im_end|>\n" \
+                    "<|im_start|>assistant\n"
+    ids = prompts.encode_qwen2_5_omni(omni_tok, question, "audio_video", grid_thw=(2, 4, 6), num_audio_tokens=60,
+                                      second_per_grid=1.0)
+    bos, av_bos = (omni_tok.convert_tokens_to_ids(t) for t in (prompts.VISION_BOS, prompts.AUDIO_BOS))
+    start = ids.index(bos)
+    assert ids[start + 1] == av_bos and ids.count(omni_tok.convert_tokens_to_ids(prompts.AUDIO_TOKEN)) == 60
+    # The toy tokenizer keeps every id when the Omni tokens are added (they come last).
+    assert all(omni_tok.convert_tokens_to_ids(t) == tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
+    with pytest.raises(ValueError, match=r"does not know '<\|VIDEO\|>' as one token"):
+        prompts.encode_qwen2_5_omni(tok, question, "video", grid_thw=(2, 4, 6))
+    with pytest.raises(ValueError, match="condition 'sounded' is not one of"):
+        prompts.qwen2_5_omni_prompt(question, "sounded", num_audio_tokens=5)

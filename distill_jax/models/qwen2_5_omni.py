@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.audio import num_audio_tokens
+from distill_jax.prompts import chunk_bounds
 from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Conv1d, Embed, Linear
 from distill_jax.layers.norms import LayerNorm, RMSNorm
@@ -164,7 +165,7 @@ class Qwen2_5OmniConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     position_id_per_seconds: int = 25
-    seconds_per_chunk: float = 2.0
+    seconds_per_chunk: float = 2  # transformers' config field is an int
 
     def __post_init__(self):
         if self.text.mrope_section is None:
@@ -207,7 +208,9 @@ class Qwen2_5OmniConfig:
                     image_token_index=self.image_token_id, video_token_index=self.video_token_id,
                     audio_start_token_id=self.audio_start_token_id, audio_end_token_id=self.audio_end_token_id,
                     vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
-                    position_id_per_seconds=self.position_id_per_seconds, seconds_per_chunk=self.seconds_per_chunk)
+                    position_id_per_seconds=self.position_id_per_seconds,
+                    seconds_per_chunk=int(self.seconds_per_chunk) if float(self.seconds_per_chunk).is_integer()
+                    else self.seconds_per_chunk)
 
     @classmethod
     def preset(cls, name: str, **numerics) -> "Qwen2_5OmniConfig":
@@ -230,17 +233,6 @@ class Qwen2_5OmniConfig:
 
 # ----------------------------------------------------------------------------------------------
 # TMRoPE positions (host side, NumPy)
-
-
-def _chunk_bounds(values: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
-    """(start, end) runs of a non-decreasing sequence cut where it crosses k * per_chunk (= HF's get_chunked_index)."""
-    bounds, start, chunk = [], 0, 1
-    for i, value in enumerate(values):
-        if value >= chunk * per_chunk:
-            bounds.append((start, i))
-            start, chunk = i, chunk + 1
-    bounds.append((start, len(values)))
-    return bounds
 
 
 def _vision_positions(start: int, grid: Grid, merge: int, t_index: np.ndarray) -> np.ndarray:
@@ -315,8 +307,8 @@ def rope_index(input_ids, attention_mask, config: Qwen2_5OmniConfig, *, image_gr
                     else:
                         audio_length = int(num_audio_tokens(next(audios)))
                         audio = np.broadcast_to(np.arange(audio_length) + start, (3, audio_length))
-                        video_chunks = _chunk_bounds(video[0] - start, per_chunk)
-                        audio_chunks = _chunk_bounds(audio[0] - start, per_chunk)
+                        video_chunks = chunk_bounds(video[0] - start, per_chunk)
+                        audio_chunks = chunk_bounds(audio[0] - start, per_chunk)
                         for k in range(max(len(video_chunks), len(audio_chunks))):
                             if k < len(video_chunks):
                                 pieces.append(video[:, slice(*video_chunks[k])])

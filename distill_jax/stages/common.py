@@ -38,6 +38,27 @@ from distill_jax import multihost, prompts
 MODALITIES = ("audio", "visual")
 # direction -> (teacher, student)
 ROLES = {"vl_to_audio": ("visual", "audio"), "audio_to_vl": ("audio", "visual")}
+# The audio-visual reference model (Qwen2.5-Omni, config.models.audio_visual): scored on each
+# condition of prompts.CONDITIONS under the records name `audio_visual_name(condition)`; with
+# config.teacher="audio_visual" its sounded-video answers teach the direction's student.
+AUDIO_VISUAL = "audio_visual"
+
+
+def audio_visual_name(condition: str) -> str:
+    """Records / transform name of the audio-visual model shown clips in `condition`."""
+    if condition not in prompts.CONDITIONS:
+        raise ValueError(f"condition {condition!r} is not one of {prompts.CONDITIONS}")
+    return f"{AUDIO_VISUAL}_{condition}"
+
+
+def checkpoint_of(name: str) -> str:
+    """The model (config.models key) behind a records name: "audio", "visual" or "audio_visual"."""
+    return AUDIO_VISUAL if name.startswith(AUDIO_VISUAL) else name
+
+
+def condition_of(name: str) -> str | None:
+    """The condition of an audio-visual records name (None for the single-modality models)."""
+    return name[len(AUDIO_VISUAL) + 1:] if name.startswith(AUDIO_VISUAL + "_") else None
 STAGES = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
 
 
@@ -61,7 +82,17 @@ class Study:
     # ---- roles and paths ----------------------------------------------------------------------
     @property
     def teacher(self) -> str:
+        """The teacher's records name: the direction's other modality, or with config.teacher
+        "audio_visual" the audio-visual model on sounded video."""
+        if self.config.get("teacher") == AUDIO_VISUAL:
+            return audio_visual_name("audio_video")
         return ROLES[self.config.direction][0]
+
+    @property
+    def audio_visual(self) -> bool:
+        """Whether the run has an audio-visual model: a checkpoint, or the toy world's warm start of one."""
+        cfg = self.config.models.get(AUDIO_VISUAL)
+        return bool(cfg and (cfg.path or (self.config.toy and self.config.warm_start.get(AUDIO_VISUAL))))
 
     @property
     def student(self) -> str:
@@ -78,6 +109,7 @@ class Study:
         id fetched into the Hugging Face cache), or the toy world's warm-started model."""
         from distill_jax.hub import checkpoint_dir
 
+        modality = checkpoint_of(modality)
         path = self.config.models[modality].path
         return multihost.path(checkpoint_dir(path) if path else self.path("models", modality))
 
@@ -136,7 +168,14 @@ class Study:
             else:
                 prompt = dict(question_template=data.question_template, system=data.system_prompt or None)
                 tokenizer_dir = multihost.local(tokenizer_dir or self.model_dir(modality))
-                if modality == "audio":
+                if condition_of(modality):
+                    av = self.config.models[AUDIO_VISUAL]
+                    made = transforms.Qwen2_5OmniTransform(
+                        tokenizer_dir, condition_of(modality), max_seconds=data.max_seconds,
+                        chunk_seconds=data.audio_chunk_seconds, question_template=data.question_template,
+                        system=av.system_prompt or None, config=vision.VisionPreprocessConfig(
+                            fps=data.video_fps, min_pixels=av.min_pixels, max_pixels=av.max_pixels))
+                elif modality == "audio":
                     made = transforms.Qwen2AudioTransform(tokenizer_dir, max_seconds=data.max_seconds,
                                                           chunk_seconds=data.audio_chunk_seconds, **prompt)
                 else:
@@ -149,7 +188,8 @@ class Study:
         data = self.config.data
         return pipeline_lib.PipelineConfig(
             batch_size=batch_size, shuffle=train, seed=seed, num_epochs=num_epochs, drop_remainder=train,
-            decode_audio=modality != "visual", decode_frames=modality == "visual",
+            decode_audio=modality != "visual" and condition_of(modality) != "video",
+            decode_frames=modality == "visual" or condition_of(modality) in ("video", "audio_video"),
             num_options=self.num_options(), question_strategy=data.question_strategy,
             question_seed=data.question_seed, on_error=data.on_error, worker_count=data.worker_count)
 
@@ -196,6 +236,13 @@ class Study:
 
     def letter_ids(self, modality: str) -> list[int]:
         return prompts.letter_token_ids(self.tokenizer(modality), prompts.LETTERS[:self.num_options()])
+
+    def scoring_batch_size(self, name: str, default: int) -> int:
+        """The batch `name`'s model is scored in: the audio-visual model's own when set
+        (config.models.audio_visual.batch_size: longer prompts), else `default`."""
+        if checkpoint_of(name) == AUDIO_VISUAL and self.config.models[AUDIO_VISUAL].batch_size:
+            return self.config.models[AUDIO_VISUAL].batch_size
+        return default
 
     def load_model(self, modality: str, *, remat: str = "none"):
         """`modality`'s model; `remat` for a model that will be trained (config.distill.remat)."""

@@ -83,26 +83,41 @@ def summary(study, names: Sequence[str], splits: Sequence[str]) -> dict:
     return out
 
 
+def scored_names(study) -> dict[str, list[str]]:
+    """Model (config.models key) -> the records names the evaluate stage writes for it: the two
+    modalities' models, and the audio-visual model once per condition when the run has one."""
+    from distill_jax.stages.common import AUDIO_VISUAL, MODALITIES, audio_visual_name
+
+    names = {m: [m] for m in MODALITIES}
+    if study.audio_visual:
+        names[AUDIO_VISUAL] = [audio_visual_name(c) for c in study.config.models[AUDIO_VISUAL].conditions]
+    return names
+
+
 def run(study) -> None:
-    from distill_jax.stages.common import MODALITIES
+    from distill_jax.stages.common import AUDIO_VISUAL
 
     config = study.config.evaluate
     summary_path = study.path("eval", "summary.json")
     scored = False
-    for modality in MODALITIES:
-        todo = [s for s in config.splits if not study.records_path(modality, s).exists()]
+    names = scored_names(study)
+    if AUDIO_VISUAL not in names:
+        print("evaluate: no audio-visual model (config.models.audio_visual.path unset): its audio, silent-video "
+              "and sounded-video conditions are not scored")
+    for model_key, record_names in names.items():
+        todo = [(n, s) for n in record_names for s in config.splits if not study.records_path(n, s).exists()]
         if not todo:
-            print(f"evaluate: {modality} records exist for {list(config.splits)}, skipped")
+            print(f"evaluate: {model_key} records exist for {list(config.splits)}, skipped")
             continue
         scored = True
-        model = study.load_model(modality)
-        for split in todo:
-            records = score_model(study, model, modality, split, study.records_path(modality, split),
-                                  batch_size=config.batch_size)
-            print(f"evaluate: {modality} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
+        model = study.load_model(model_key)
+        for name, split in todo:
+            records = score_model(study, model, name, split, study.records_path(name, split),
+                                  batch_size=study.scoring_batch_size(name, config.batch_size))
+            print(f"evaluate: {name} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
                   flush=True)
         del model  # one model in memory at a time
-    tables = summary(study, MODALITIES, config.splits)
+    tables = summary(study, [n for record_names in names.values() for n in record_names], config.splits)
     if scored or not summary_path.exists():
         multihost.write_json(summary_path, tables, indent=1)
     split = study.config.switch.split

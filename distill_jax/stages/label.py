@@ -88,8 +88,8 @@ def run(study) -> None:
     for modality in (study.teacher, study.student):
         path = study.path("labels", f"{modality}-{split}.jsonl")
         if not path.exists():
-            score_model(study, study.load_model(modality), modality, split, path, batch_size=cfg.batch_size,
-                        chunk_batches=cfg.chunk_batches)
+            score_model(study, study.load_model(modality), modality, split, path,
+                        batch_size=study.scoring_batch_size(modality, cfg.batch_size), chunk_batches=cfg.chunk_batches)
         records[modality] = read_records(path)
     modes = list(study.config.distill.modes)
     probs = None

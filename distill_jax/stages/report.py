@@ -51,10 +51,24 @@ FINDINGS = {
 # One seed
 # ---------------------------------------------------------------------------------------------
 
+AUDIO_VISUAL_LABELS = {"audio": "audio only", "video": "silent video", "audio_video": "sounded video"}
+
+
+def audio_visual_reference(condition: str) -> str:
+    return f"audio-visual reference ({AUDIO_VISUAL_LABELS[condition]})"
+
+
 def model_names(study) -> dict[str, str]:
-    """Report label -> records name (eval/<name>/<split>.jsonl) of every model of the study."""
-    return {ORIGINAL: study.student, TEACHER: study.teacher,
-            **{distilled(m): f"student_{m}" for m in study.config.distill.modes}}
+    """Report label -> records name (eval/<name>/<split>.jsonl) of every model of the study (the
+    audio-visual reference once per condition, when the run has one)."""
+    from distill_jax.stages.common import AUDIO_VISUAL, audio_visual_name
+
+    names = {ORIGINAL: study.student, TEACHER: study.teacher,
+             **{distilled(m): f"student_{m}" for m in study.config.distill.modes}}
+    if study.audio_visual:
+        names.update({audio_visual_reference(c): audio_visual_name(c)
+                      for c in study.config.models[AUDIO_VISUAL].conditions})
+    return names
 
 
 def report_splits(study) -> list[str]:

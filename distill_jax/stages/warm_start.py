@@ -12,7 +12,10 @@ at paper scale, where this stage does not run.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from data_pipelines.questions import clip_rng
@@ -22,7 +25,11 @@ from distill_jax.models.qwen2 import Qwen2Config
 from distill_jax.models.qwen2_audio import (Qwen2AudioConfig, Qwen2AudioEncoderConfig,
                                             Qwen2AudioForConditionalGeneration)
 from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLVisionConfig
-from distill_jax.stages.common import MODALITIES
+from distill_jax.models.qwen2_5_omni import (OmniAudioEncoderConfig, OmniVisionConfig, Qwen2_5OmniConfig,
+                                             Qwen2_5OmniThinker)
+from distill_jax.stages.common import AUDIO_VISUAL, MODALITIES, audio_visual_name
+
+WARM_STARTED = (*MODALITIES, AUDIO_VISUAL)  # the audio-visual model only with config.warm_start.audio_visual
 from distill_jax.train import loop
 from distill_jax.train.step import distill_objective
 
@@ -36,9 +43,46 @@ def _text_config(sizes, tokenizer, **extra) -> Qwen2Config:
                        pad_token_id=tokenizer.pad_token_id, **extra)
 
 
+def toy_omni_config(sizes, tokenizer) -> Qwen2_5OmniConfig:
+    """A tiny Qwen2.5-Omni thinker for `tokenizer` (one with the Omni tokens): 2 s audio windows
+    and 112-pixel vision windows as the real model's, full attention in the last vision block."""
+    ids = tokenizer.convert_tokens_to_ids
+    head_half = sizes.hidden_size // sizes.num_heads // 2
+    section = (head_half - 2 * (head_half * 3 // 8), head_half * 3 // 8, head_half * 3 // 8)
+    return Qwen2_5OmniConfig(
+        audio=OmniAudioEncoderConfig(num_mel_bins=128, encoder_layers=sizes.tower_layers,
+                                     encoder_attention_heads=sizes.tower_heads, encoder_ffn_dim=2 * sizes.tower_dim,
+                                     d_model=sizes.tower_dim, output_dim=sizes.hidden_size),
+        vision=OmniVisionConfig(depth=sizes.tower_layers, hidden_size=sizes.tower_dim,
+                                intermediate_size=2 * sizes.tower_dim, num_heads=sizes.tower_heads,
+                                out_hidden_size=sizes.hidden_size, fullatt_block_indexes=(sizes.tower_layers - 1,)),
+        text=_text_config(sizes, tokenizer, mrope_section=section), audio_token_id=ids(prompts.AUDIO_TOKEN),
+        image_token_id=ids(prompts.OMNI_IMAGE), video_token_id=ids(prompts.OMNI_VIDEO),
+        audio_start_token_id=ids(prompts.AUDIO_BOS), audio_end_token_id=ids(prompts.AUDIO_EOS),
+        vision_start_token_id=ids(prompts.VISION_BOS), vision_end_token_id=ids(prompts.VISION_EOS))
+
+
+def omni_tokenizer_dir(study, sizes):
+    """The toy Omni's tokenizer (the toy tokenizer plus Omni's vision tokens, after the others), with
+    its model's config.json beside it as in a checkpoint directory: the prompts' timing and token
+    ids are read from there before the model exists."""
+    from distill_jax.stages.prepare import TOY_TOKENIZER_VOCAB
+    from distill_jax.toy_tokenizer import make_qwen2_tokenizer
+
+    path = study.path("tokenizer_omni")
+    if not (path / "config.json").exists():
+        with multihost.atomic_dir(path, last="config.json") as out:
+            make_qwen2_tokenizer(out, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB, omni=True)
+            config = toy_omni_config(sizes, prompts.load_tokenizer(str(out)))
+            (epath.Path(out) / "config.json").write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True))
+    return path
+
+
 def toy_model(modality: str, sizes, tokenizer, *, max_seconds: float, seed: int):
     """A randomly initialised tiny model of `modality`'s architecture for `tokenizer`."""
     ids = tokenizer.convert_tokens_to_ids
+    if modality == AUDIO_VISUAL:
+        return Qwen2_5OmniThinker(toy_omni_config(sizes, tokenizer), rngs=nnx.Rngs(seed))
     if modality == "audio":
         config = Qwen2AudioConfig(
             audio=Qwen2AudioEncoderConfig(num_mel_bins=128, encoder_layers=sizes.tower_layers,
@@ -94,17 +138,20 @@ class PretrainTargets:
 
 
 def train_modality(study, modality: str):
+    """Warm-start `modality`'s model ("audio", "visual", or "audio_visual": on sounded video) and save it."""
     config, cfg = study.config, study.config.warm_start
     out = study.model_dir(modality)
-    tokenizer_dir = study.path("tokenizer")  # the model directory does not exist yet
-    tokenizer = prompts.load_tokenizer(multihost.local(tokenizer_dir))
     run = cfg.models[modality]  # its sizes and its warm start: learning_rate, steps, batch_size, warmup_steps
+    # The model directory does not exist yet: the tokenizer comes from the prepare stage's (Omni: its own).
+    tokenizer_dir = omni_tokenizer_dir(study, run) if modality == AUDIO_VISUAL else study.path("tokenizer")
+    tokenizer = prompts.load_tokenizer(multihost.local(tokenizer_dir))
     model = toy_model(modality, run, tokenizer, max_seconds=config.data.max_seconds,
-                      seed=config.seed + MODALITIES.index(modality))
+                      seed=config.seed + WARM_STARTED.index(modality))
     sharding.shard_model(model, study.mesh)
     letters = prompts.letter_token_ids(tokenizer, prompts.LETTERS[:study.num_options()])
-    transform = study.transform(modality, tokenizer_dir)
-    dataset = study.dataset(modality, cfg.split, batch_size=run.batch_size, train=True, num_epochs=None,
+    name = audio_visual_name("audio_video") if modality == AUDIO_VISUAL else modality  # what it is shown
+    transform = study.transform(name, tokenizer_dir)
+    dataset = study.dataset(name, cfg.split, batch_size=run.batch_size, train=True, num_epochs=None,
                             seed=config.seed, tokenizer_dir=tokenizer_dir,
                             targets=PretrainTargets(scrambled_groups(study, modality), config.seed, len(letters)))
     model = loop.train(
@@ -122,7 +169,7 @@ def run(study) -> None:
     if not study.config.toy:
         print("warm_start: not a toy-world run; the models come from their checkpoints")
         return
-    for modality in MODALITIES:
+    for modality in WARM_STARTED if study.config.warm_start.audio_visual else MODALITIES:
         if (study.model_dir(modality) / "config.json").exists():
             print(f"warm_start: {study.model_dir(modality)} exists, skipped")
             continue
