@@ -3,8 +3,9 @@
 libtpu (`pip install "jax[tpu]"`) compiles for a TPU slice described by
 `jax.experimental.topologies` on any machine; the compiled program reports XLA's per-chip
 memory (arguments, temporaries, outputs) and FLOPs. We compile the real programs: the
-Qwen2-Audio-7B LoRA distill step (the trainer's `train.loop.make_step`) and the Qwen2-VL-7B letter
-scoring step (what `decoding.score_choices` runs), on abstract bf16 weights sharded by the
+Qwen2-Audio-7B LoRA distill step (the trainer's `train.loop.make_step`), the Qwen2-VL-7B letter
+scoring step (what `decoding.score_choices` runs) and the Qwen2.5-Omni-7B scoring step on
+sounded video, on abstract bf16 weights sharded by the
 rules table, to prove a mesh/batch/remat preset fits a slice before renting it.
 """
 from __future__ import annotations
@@ -251,7 +252,57 @@ def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
     return _finish("Qwen2-VL-7B teacher scoring step", topology, workload, lowered, start, needed)
 
 
-PROGRAMS = {"distill": audio_distill_step, "score": visual_score_step}
+def audio_visual_score_step(topology: Topology, workload: Workload) -> Compiled:
+    """The Qwen2.5-Omni-7B thinker's letter scoring on sounded video (20 frames and their 10 s of
+    audio, interleaved; TMRoPE positions come with the batch, as the transform makes them), bf16."""
+    from distill_jax.models.qwen2_5_omni import Qwen2_5OmniConfig, Qwen2_5OmniThinker
+
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
+    config = Qwen2_5OmniConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
+    start = time.perf_counter()
+    abstract = sharding.abstract_model(lambda: Qwen2_5OmniThinker(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract)
+    b, t, f = workload.batch_size, workload.prompt_length, workload.audio_frames
+    grid = workload.video_grid
+    patches = b * math.prod(grid)
+    media_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2 + f // 4
+    if media_tokens >= t:
+        raise ValueError(f"prompt_length {t} cannot hold the clip's {media_tokens} video and audio tokens")
+    grids = (("video_grid_thw", (grid,) * b),)
+    letters = jnp.arange(32, 32 + workload.num_letters, dtype=jnp.int32)
+
+    @jax.jit
+    def score(params, batch):
+        model = nnx.merge(graphdef, params)
+        hidden = model.hidden_states(**batch, **dict(grids))
+        return model.logits(hidden[:, -1], letters)
+
+    batch = {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "position_ids": jax.ShapeDtypeStruct((3, b, t), jnp.int32),
+             "input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
+             "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32),
+             "pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
+    with jax.set_mesh(mesh):
+        lowered = score.lower(_abstract(params, variable_shardings(params, mesh)),
+                              _abstract(batch, _batch_shardings(batch, mesh)))
+    lm = _matmul_params(params["language_model"]) - _matmul_params(params["language_model"]["lm_head"])
+    text, vision, audio = config.text, config.vision, config.audio
+    window = (config.vision.window_merge_units * config.vision.spatial_merge_size) ** 2
+    full = len(vision.fullatt_block_indexes)
+    tower = _matmul_params(params["visual"])
+    needed = (transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
+                                width=text.num_attention_heads * text.head_dim, train=False)
+              # vision: its matmuls, and attention within frames in the full-attention blocks, within windows elsewhere
+              + 2 * tower * patches
+              + 4 * vision.hidden_size * patches * (full * grid[1] * grid[2] + (vision.depth - full) * window)
+              + transformer_flops(_matmul_params(params["audio_tower"]), b * f // 2, layers=audio.encoder_layers,
+                                  context=audio.n_window, width=audio.d_model, train=False))
+    return _finish("Qwen2.5-Omni-7B sounded-video scoring step", topology, workload, lowered, start, needed)
+
+
+PROGRAMS = {"distill": audio_distill_step, "score": visual_score_step, "audio_visual_score": audio_visual_score_step}
 
 
 def workloads(config) -> dict[str, Workload]:
@@ -270,4 +321,8 @@ def workloads(config) -> dict[str, Workload]:
                                 **common),
             "score": Workload(batch_size=config.label.batch_size,
                               prompt_length=bucket(video_tokens + question_tokens),
-                              remat="none", **common)}
+                              remat="none", **common),
+            # 1000 mel frames: the Omni tower's five 2 s windows of a 10 s clip -> 250 audio tokens
+            "audio_visual_score": Workload(batch_size=config.models.audio_visual.batch_size or config.label.batch_size,
+                                           prompt_length=bucket(video_tokens + audio_tokens + question_tokens),
+                                           remat="none", audio_frames=1000, **common)}

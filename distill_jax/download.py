@@ -1,4 +1,4 @@
-"""Fetch the study's weights: `python -m distill_jax.download pann|qwen [--out DIR]`.
+"""Fetch the study's weights: `python -m distill_jax.download pann|qwen|omni [--out DIR]`.
 
 `pann` downloads the PANN Cnn14 checkpoints from their Zenodo record (3987831):
 `Cnn14_16k_mAP=0.438.pth` (the paper config's switch) and `Cnn14_mAP=0.431.pth` (32 kHz),
@@ -11,7 +11,7 @@ before it takes its name:
 - its SHA-256 is written next to it (`<name>.sha256`); a later `download` (or a user's
   `sha256sum -c`) checks the file on disk against it and fetches again if it differs.
 
-`qwen` fetches Qwen2-Audio-7B-Instruct and Qwen2-VL-7B-Instruct into the Hugging Face cache
+`qwen` fetches Qwen2-Audio-7B-Instruct and Qwen2-VL-7B-Instruct (`omni`: Qwen2.5-Omni-7B) into the Hugging Face cache
 (`distill_jax.hub`: safetensors, configs and tokenizer files only; about 16 GB each).
 `ZENODO_URL` (env `DISTILL_JAX_ZENODO_URL`) points the PANN download at a mirror.
 """
@@ -33,6 +33,7 @@ ZENODO_URL = os.environ.get("DISTILL_JAX_ZENODO_URL", "https://zenodo.org")
 PANN_FILES = ("Cnn14_16k_mAP=0.438.pth", "Cnn14_mAP=0.431.pth")
 KNOWN_MD5 = {"Cnn14_mAP=0.431.pth": "541141fa2ee191a88f24a3219fff024e"}
 QWEN_IDS = ("Qwen/Qwen2-Audio-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct")
+OMNI_IDS = ("Qwen/Qwen2.5-Omni-7B",)  # the optional audio-visual reference (config.models.audio_visual)
 CHUNK = 1 << 20
 
 
@@ -121,10 +122,10 @@ def fetch_qwen(ids: Sequence[str] = QWEN_IDS) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("pann", "qwen"))
+    p.add_argument("what", choices=("pann", "qwen", "omni"))
     p.add_argument("--out", default="ckpt", help="where the PANN files go (qwen: the Hugging Face cache)")
     args = p.parse_args(argv)
-    paths = fetch_pann(args.out) if args.what == "pann" else fetch_qwen(QWEN_IDS)
+    paths = fetch_pann(args.out) if args.what == "pann" else fetch_qwen(QWEN_IDS if args.what == "qwen" else OMNI_IDS)
     for path in paths:
         print(path)
 

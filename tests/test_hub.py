@@ -59,10 +59,11 @@ def test_config_paths_take_hub_ids(hub_cache, tmp_path):
     assert str(study.model_dir("audio")).endswith(os.path.join("snapshots", COMMIT))
 
 
-def test_download_qwen_fills_the_cache_and_prints_each_snapshot(hub_cache, monkeypatch, capsys):
+@pytest.mark.parametrize("what, ids", [("qwen", "QWEN_IDS"), ("omni", "OMNI_IDS")])
+def test_download_qwen_fills_the_cache_and_prints_each_snapshot(hub_cache, monkeypatch, capsys, what, ids):
     from distill_jax import download
 
-    monkeypatch.setattr(download, "QWEN_IDS", ("tiny-org/tiny-qwen2",))
-    download.main(["qwen"])
+    monkeypatch.setattr(download, ids, ("tiny-org/tiny-qwen2",))
+    download.main([what])
     (printed,) = capsys.readouterr().out.split()
     assert printed.endswith(os.path.join("snapshots", COMMIT)) and os.path.exists(os.path.join(printed, "config.json"))

@@ -137,6 +137,10 @@ def _copy_without_distill(src, dst):
     (lambda c: setattr(c.distill.lora, "targets", ("qq_proj",)), "config.distill.lora.targets"),
     (lambda c: setattr(c.mesh, "fsdp", 0), "config.mesh.fsdp=0: expected an integer >= 1, or -1"),
     (lambda c: setattr(c.distill, "batch_size", 12), r"config.distill.batch_size=12: expected a multiple of 8"),
+    (lambda c: setattr(c, "teacher", "omni"), r"config.teacher='omni': expected one of \('audio_visual',\) or None"),
+    (lambda c: setattr(c, "teacher", "audio_visual"), r"config.teacher='audio_visual' needs an audio-visual model"),
+    (lambda c: setattr(c.models.audio_visual, "conditions", ("audio", "sounded")),
+     r"config.models.audio_visual.conditions=\('audio', 'sounded'\): expected distinct names"),
 ])
 def test_bad_config_values_are_named(edit, match, tmp_path):
     config = toy.get_config()
@@ -165,6 +169,9 @@ def test_mesh_that_does_not_divide_the_devices_is_named(tmp_path):
 def test_paper_config_needs_its_checkpoints(tmp_path):
     config = paper.get_config(f"audio={tmp_path}/nowhere,manifest={tmp_path}/m.json")
     with pytest.raises(main.ConfigError, match="config.models.audio.path=.*nowhere.* is not a checkpoint"):
+        main.run(config, str(tmp_path / "w"))
+    config = paper.get_config(f"audio_visual={tmp_path}/no_omni,teacher=audio_visual")
+    with pytest.raises(main.ConfigError, match="config.models.audio_visual.path=.*no_omni.* is not a checkpoint"):
         main.run(config, str(tmp_path / "w"))
     with pytest.raises(ValueError, match="mesh='8'"):
         paper.get_config("mesh=8")
