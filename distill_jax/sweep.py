@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from distill_jax import main as main_lib
 from distill_jax import multihost
+from distill_jax.stages.common import Study
 
 FLAGS = flags.FLAGS
 
@@ -83,8 +84,12 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
         target = main_lib.seed_dir(workdir, seed)
         recorded = main_lib.recorded_stage_configs(target)
         done = copied.setdefault(int(seed), [])
-        for stage in main_lib.STAGE_CONFIG:
-            if stage not in config.stages:
+        stages = [s for s in main_lib.STAGE_CONFIG if s in config.stages]
+        if {"warm_start", "evaluate"} & set(config.stages) and Study(one, target, None).audio_visual:
+            stages.append("audio_visual")  # its own chain: it depends on neither switch, label nor distill
+        chain_reused = True  # the chain's stages are reused up to the first that is not
+        for stage in stages:
+            if not chain_reused and stage != "audio_visual":
                 continue
             values = main_lib.stage_values(one, stage)
             if recorded.get(stage) == values:
@@ -94,8 +99,9 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
                 if main_lib.recorded_stage_configs(main_lib.seed_dir(candidate, seed)).get(stage) == values:
                     source = main_lib.seed_dir(candidate, seed)
                     break
-            if source is None:
-                break  # this stage and every later one run here
+            if source is None:  # this stage and every later one of the chain run here
+                chain_reused = chain_reused and stage == "audio_visual"
+                continue
             if multihost.is_main():
                 for rel in main_lib.STAGE_OUTPUTS[stage]:
                     if (source / rel).exists():

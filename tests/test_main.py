@@ -204,11 +204,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_only_finite_checkpo
 
 
 def test_audio_to_vl_direction_with_the_audio_visual_teacher(tiny_run, tmp_path):
-    """The visual model as the student (switch, labels, distillation of Qwen2-VL: static grids),
-    taught by the audio-visual model (a tiny Qwen2.5-Omni, warm-started on sounded video) and scored
-    on its three conditions; the audio and visual models and their scores are reused as they are."""
+    """The visual model as the student (labels, distillation of Qwen2-VL: static grids), taught by
+    the audio-visual model (a tiny Qwen2.5-Omni, warm-started on sounded video) and scored on its
+    three conditions; the audio and visual models and their scores are reused as they are."""
     from data_pipelines import transforms
     from distill_jax.convert import load_hf
+    from distill_jax.stages import switch as switch_stage
     from distill_jax.stages.common import Study
 
     workdir = str(tmp_path / "a2v")
@@ -216,10 +217,11 @@ def test_audio_to_vl_direction_with_the_audio_visual_teacher(tiny_run, tmp_path)
                                                                      "results*"))
     assert Study(toy.get_config("tiny=1,direction=audio_to_vl"), workdir, None).teacher == "audio"
     config = toy.get_config("tiny=1,direction=audio_to_vl,teacher=audio_visual")
-    config.distill.modes = ("always",)
+    config.distill.modes = ("always",)  # no switch to train: its answers() are checked below
+    config.distill.eval_splits = ("test",)
     config.seed = 0
     before = _mtimes(workdir)
-    main.run(config, workdir, ["warm_start", "evaluate", "switch", "label", "distill", "report"])
+    main.run(config, workdir, ["warm_start", "evaluate", "label", "distill", "report"])
     after = _mtimes(workdir)
     assert [rel for rel in before if "models/" in rel or "eval/audio/" in rel or "eval/visual/" in rel
             if after[rel] != before[rel]] == []
@@ -239,24 +241,28 @@ def test_audio_to_vl_direction_with_the_audio_visual_teacher(tiny_run, tmp_path)
                                                                          "audio_visual_audio_video-train.jsonl"))}
     assert all(r["teacher_letter"] == teacher_train[r["clip_id"]]["predicted"] for r in labels)
 
+    study = Study(config, seed, None)
+    ids, answers = switch_stage.answers(study, "analysis")  # what the switch learns from: the sounded video's
+    av = {r["clip_id"]: r["predicted"] for r in read_records(os.path.join(seed, "eval", "audio_visual_audio_video",
+                                                                        "analysis.jsonl"))}
+    assert answers["teacher_answers"] == [av[c] for c in ids]
+
     # The scored letters are the public call's: one test clip, unpadded, eagerly, as a user calls the model.
-    study = Study(config, os.path.join(workdir, "seed_0"), None)
-    transform = study.transform("audio_visual_audio_video")
-    model_dir = os.path.join(seed, "models", "audio_visual")
-    model = load_hf(model_dir)
-    batch = next(iter(study.dataset("audio_visual_audio_video", "test", batch_size=8)))
+    name = "audio_visual_audio_video"
+    transform = study.transform(name)
+    assert isinstance(transform, transforms.Qwen2_5OmniTransform)
+    model = load_hf(os.path.join(seed, "models", "audio_visual"))
+    batch = next(iter(study.dataset(name, "test", batch_size=8)))
     row = int(np.flatnonzero(batch["valid"])[0])
     real = batch["attention_mask"][row].astype(bool)
-    spg = transform.config.temporal_patch_size / transform.config.fps
-    logits = np.asarray(model(input_ids=batch["input_ids"][row][real][None], input_features=batch["input_features"][row:row + 1],
-                              feature_attention_mask=batch["feature_attention_mask"][row:row + 1],
-                              pixel_values_videos=batch["pixel_values_videos"][row],
-                              video_grid_thw=batch["video_grid_thw"][row:row + 1], video_second_per_grid=[spg],
-                              use_audio_in_video=True))
-    scored = {r["clip_id"]: r for r in read_records(os.path.join(seed, "eval", "audio_visual_audio_video", "test.jsonl"))}
+    logits = np.asarray(model(
+        input_ids=batch["input_ids"][row][real][None], input_features=batch["input_features"][row:row + 1],
+        feature_attention_mask=batch["feature_attention_mask"][row:row + 1],
+        pixel_values_videos=batch["pixel_values_videos"][row], video_grid_thw=batch["video_grid_thw"][row:row + 1],
+        video_second_per_grid=[transform.config.temporal_patch_size / transform.config.fps], use_audio_in_video=True))
+    scored = {r["clip_id"]: r for r in read_records(os.path.join(seed, "eval", name, "test.jsonl"))}
     np.testing.assert_allclose(scored[str(batch["clip_id"][row])]["letter_logits"],
-                               logits[0, -1, study.letter_ids("audio_visual_audio_video")], atol=1e-4)
-    assert isinstance(transform, transforms.Qwen2_5OmniTransform)
+                               logits[0, -1, study.letter_ids(name)], atol=1e-4)
 
 
 def test_outputs_made_with_other_config_values_are_refused_not_reused(tiny_run, tmp_path):

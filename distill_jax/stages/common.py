@@ -12,8 +12,10 @@ shape per split on every host), and the trainer (train/loop.py) and scorer (scor
 Layout of one seed's workdir:
     data/                 the toy world (prepare); real runs name their manifest in the config
     tokenizer/            the toy world's tokenizer (real checkpoints carry their own)
-    models/{audio,visual} the toy world's warm-started checkpoints (HF format)
-    eval/{name}/{split}.jsonl   per-clip letter scores (name: audio, visual, student_<mode>)
+    models/{audio,visual} the toy world's warm-started checkpoints (HF format); models/audio_visual and
+                          tokenizer_omni/ with config.warm_start.audio_visual (a tiny Qwen2.5-Omni)
+    eval/{name}/{split}.jsonl   per-clip letter scores (name: audio, visual, student_<mode>,
+                          audio_visual_<condition>: the audio-visual model on audio, video, audio_video)
     switch/               the trained switch, its probabilities on its splits, its metrics
     labels/               train-split scores of both models, switch probabilities, labels per mode
     distill/<mode>/       orbax checkpoints, metrics.jsonl + TensorBoard events, PEFT adapter

@@ -1,4 +1,6 @@
-"""Warm start (toy world only): the tiny audio and visual models trained from random init.
+"""Warm start (toy world only): the tiny audio and visual models trained from random init
+(and, with config.warm_start.audio_visual, a tiny Qwen2.5-Omni on the clips' sounded video,
+with true letters: the audio-visual reference).
 
 Each model (Qwen2-Audio architecture on the clips' audio, Qwen2-VL architecture on their
 frames) is trained, every parameter, on the `pretrain` split with the ground-truth letter as
