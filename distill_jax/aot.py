@@ -182,7 +182,8 @@ def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
                         rngs=nnx.Rngs(1))
         graphdef, params, changing, frozen = nnx.split(model, nnx.LoRAParam, nnx.Nothing, ...)
         graphdefs.append(graphdef)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params), "mutable": changing}, frozen
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params), "mutable": changing,
+                "nonfinite_run": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}, frozen
 
     start = time.perf_counter()
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
@@ -212,21 +213,16 @@ def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
     return _finish("Qwen2-Audio-7B LoRA distill step", topology, workload, lowered, start, needed)
 
 
-def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
-    """The Qwen2-VL-7B teacher's letter scoring (one forward pass) on 20-frame video clips, bf16."""
+def _letter_score(model_cls, config, topology: Topology, workload: Workload, media: dict):
+    """Lower the letter-scoring program (one forward pass, letters at the last position) of
+    `model_cls(config)` for prompts of `workload` with `media` inputs (ShapeDtypeStructs) and one
+    video grid per clip; (lowered, abstract params, start time)."""
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
-    config = Qwen2VLConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
     start = time.perf_counter()
-    abstract = sharding.abstract_model(lambda: Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract)
+    graphdef, params = nnx.split(sharding.abstract_model(lambda: model_cls(config, rngs=nnx.Rngs(0))))
     b, t = workload.batch_size, workload.prompt_length
-    grid = workload.video_grid
-    patches = b * math.prod(grid)
-    video_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2
-    if video_tokens >= t:
-        raise ValueError(f"prompt_length {t} cannot hold the clip's {video_tokens} video tokens")
-    grids = (("video_grid_thw", (grid,) * b),)
+    grids = (("video_grid_thw", (workload.video_grid,) * b),)
     letters = jnp.arange(32, 32 + workload.num_letters, dtype=jnp.int32)
 
     @jax.jit
@@ -237,18 +233,35 @@ def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
 
     batch = {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
              "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
-             "position_ids": jax.ShapeDtypeStruct((3, b, t), jnp.int32),
-             "pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
+             "position_ids": jax.ShapeDtypeStruct((3, b, t), jnp.int32), **media}
     with jax.set_mesh(mesh):
         lowered = score.lower(_abstract(params, variable_shardings(params, mesh)),
                               _abstract(batch, _batch_shardings(batch, mesh)))
+    return lowered, params, start
+
+
+def _language_model_flops(params, config, workload: Workload) -> float:
+    """Model FLOPs of the scoring step's language model (the LM head's 10 letter columns left out)."""
     lm = _matmul_params(params["language_model"]) - _matmul_params(params["language_model"]["lm_head"])
-    text, vision = config.text, config.vision
+    text, b, t = config.text, workload.batch_size, workload.prompt_length
+    return transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
+                             width=text.num_attention_heads * text.head_dim, train=False)
+
+
+def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
+    """The Qwen2-VL-7B teacher's letter scoring (one forward pass) on 20-frame video clips, bf16."""
+    config = Qwen2VLConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
+    grid, b = workload.video_grid, workload.batch_size
+    patches = b * math.prod(grid)
+    video_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2
+    if video_tokens >= workload.prompt_length:
+        raise ValueError(f"prompt_length {workload.prompt_length} cannot hold the clip's {video_tokens} video tokens")
+    media = {"pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
+    lowered, params, start = _letter_score(Qwen2VLForConditionalGeneration, config, topology, workload, media)
     segment = grid[1] * grid[2]  # vision attention runs within each temporal patch
-    needed = (transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
-                                width=text.num_attention_heads * text.head_dim, train=False)
-              + transformer_flops(_matmul_params(params["visual"]), patches, layers=vision.depth, context=segment,
-                                  width=vision.embed_dim, train=False))
+    needed = (_language_model_flops(params, config, workload)
+              + transformer_flops(_matmul_params(params["visual"]), patches, layers=config.vision.depth,
+                                  context=segment, width=config.vision.embed_dim, train=False))
     return _finish("Qwen2-VL-7B teacher scoring step", topology, workload, lowered, start, needed)
 
 
@@ -257,45 +270,23 @@ def audio_visual_score_step(topology: Topology, workload: Workload) -> Compiled:
     audio, interleaved; TMRoPE positions come with the batch, as the transform makes them), bf16."""
     from distill_jax.models.qwen2_5_omni import Qwen2_5OmniConfig, Qwen2_5OmniThinker
 
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
     config = Qwen2_5OmniConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
-    start = time.perf_counter()
-    abstract = sharding.abstract_model(lambda: Qwen2_5OmniThinker(config, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract)
-    b, t, f = workload.batch_size, workload.prompt_length, workload.audio_frames
-    grid = workload.video_grid
+    grid, b, f = workload.video_grid, workload.batch_size, workload.audio_frames
     patches = b * math.prod(grid)
     media_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2 + f // 4
-    if media_tokens >= t:
-        raise ValueError(f"prompt_length {t} cannot hold the clip's {media_tokens} video and audio tokens")
-    grids = (("video_grid_thw", (grid,) * b),)
-    letters = jnp.arange(32, 32 + workload.num_letters, dtype=jnp.int32)
-
-    @jax.jit
-    def score(params, batch):
-        model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(**batch, **dict(grids))
-        return model.logits(hidden[:, -1], letters)
-
-    batch = {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
-             "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
-             "position_ids": jax.ShapeDtypeStruct((3, b, t), jnp.int32),
-             "input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
+    if media_tokens >= workload.prompt_length:
+        raise ValueError(f"prompt_length {workload.prompt_length} cannot hold the clip's {media_tokens} video and "
+                         "audio tokens")
+    media = {"input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
              "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32),
              "pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
-    with jax.set_mesh(mesh):
-        lowered = score.lower(_abstract(params, variable_shardings(params, mesh)),
-                              _abstract(batch, _batch_shardings(batch, mesh)))
-    lm = _matmul_params(params["language_model"]) - _matmul_params(params["language_model"]["lm_head"])
-    text, vision, audio = config.text, config.vision, config.audio
-    window = (config.vision.window_merge_units * config.vision.spatial_merge_size) ** 2
+    lowered, params, start = _letter_score(Qwen2_5OmniThinker, config, topology, workload, media)
+    vision, audio = config.vision, config.audio
+    window = (vision.window_merge_units * vision.spatial_merge_size) ** 2
     full = len(vision.fullatt_block_indexes)
-    tower = _matmul_params(params["visual"])
-    needed = (transformer_flops(lm, b * t, layers=text.num_hidden_layers, context=t,
-                                width=text.num_attention_heads * text.head_dim, train=False)
+    needed = (_language_model_flops(params, config, workload)
               # vision: its matmuls, and attention within frames in the full-attention blocks, within windows elsewhere
-              + 2 * tower * patches
+              + 2 * _matmul_params(params["visual"]) * patches
               + 4 * vision.hidden_size * patches * (full * grid[1] * grid[2] + (vision.depth - full) * window)
               + transformer_flops(_matmul_params(params["audio_tower"]), b * f // 2, layers=audio.encoder_layers,
                                   context=audio.n_window, width=audio.d_model, train=False))

@@ -1,7 +1,6 @@
 """The trainer's pure step on the letter objective: learns, touches only LoRA, gives the same result
 sharded on 8 devices, accumulates gradients exactly, and refuses a non-finite update."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -32,11 +32,11 @@ from distill_jax.prompts import chunk_bounds
 from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Conv1d, Embed, Linear
 from distill_jax.layers.norms import LayerNorm, RMSNorm
-from distill_jax.layers.rope import apply_rope, inv_frequencies, rope_cos_sin
+from distill_jax.layers.rope import apply_rope, rope_cos_sin
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, init_cache
 from distill_jax.models.qwen2_audio import (Qwen2AudioEncoderConfig, Qwen2AudioEncoderLayer, check_audio_tokens,
                                             feature_lengths, merge_audio_embeddings)
-from distill_jax.models.qwen2_vl import GELU, PatchEmbed, as_grids, scatter_into_placeholders, vision_layout
+from distill_jax.models.qwen2_vl import PatchEmbed, PatchMerger, as_grids, merge_vision_embeddings, patch_angles
 from distill_jax.sharding import constrain
 
 Grid = tuple[int, int, int]
@@ -69,14 +69,7 @@ class OmniAudioEncoderConfig(Qwen2AudioEncoderConfig):
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides) -> "OmniAudioEncoderConfig":
-        d = {**_AUDIO_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
-        if d["activation_function"] != "gelu":
-            raise ValueError(f"audio tower activation_function must be 'gelu', got {d['activation_function']!r}")
-        if d["scale_embedding"]:
-            raise NotImplementedError("audio tower scale_embedding=true is not supported")
-        keys = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
-                "max_source_positions", "n_window", "output_dim")
-        return cls(**{**{k: d[k] for k in keys}, **overrides})
+        return super().from_hf(hf, defaults=_AUDIO_DEFAULTS, **overrides)
 
     def to_hf(self) -> dict[str, Any]:
         return {**super().to_hf(), "model_type": "qwen2_5_omni_audio_encoder", "n_window": self.n_window,
@@ -497,25 +490,6 @@ class OmniVisionBlock(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class OmniPatchMerger(nnx.Module):
-    """= Qwen2_5OmniPatchMerger: RMSNorm, then each 2x2 block of patches -> Linear, GELU, Linear."""
-
-    def __init__(self, config: OmniVisionConfig, *, rngs: nnx.Rngs):
-        merged = config.hidden_size * config.spatial_merge_size ** 2
-        pd = jnp.dtype(config.param_dtype)
-        kw = dict(use_bias=True, dtype=jnp.dtype(config.dtype), param_dtype=pd, rngs=rngs)
-        self.ln_q = RMSNorm(config.hidden_size, eps=1e-6, param_dtype=pd, rngs=rngs)
-        self.mlp = nnx.List([Linear(merged, merged, axes=("vision_merge", "mlp"), **kw), GELU(),
-                             Linear(merged, config.out_hidden_size, axes=("mlp", "embed"), **kw)])
-        self.merged = merged
-
-    def __call__(self, x):
-        x = self.ln_q(x).reshape(-1, self.merged)
-        for layer in self.mlp:
-            x = layer(x)
-        return x
-
-
 class OmniVisionEncoder(nnx.Module):
     """= Qwen2_5OmniVisionEncoder: packed patches [N, patch_dim] + grids -> merged [N / 4, out_hidden_size]."""
 
@@ -523,18 +497,13 @@ class OmniVisionEncoder(nnx.Module):
         self.config = config
         self.patch_embed = PatchEmbed(config, rngs=rngs)
         self.blocks = nnx.List([OmniVisionBlock(config, rngs=rngs) for _ in range(config.depth)])
-        self.merger = OmniPatchMerger(config, rngs=rngs)
+        # = Qwen2_5OmniPatchMerger: Qwen2-VL's with RMSNorm, to out_hidden_size
+        self.merger = PatchMerger(config, out_features=config.out_hidden_size, norm=RMSNorm, rngs=rngs)
 
     def __call__(self, pixel_values, grid_thw):
         grids = as_grids(grid_thw)
         cfg = self.config
-        expected = sum(t * h * w for t, h, w in grids)
-        if pixel_values.shape != (expected, cfg.patch_dim):
-            raise ValueError(f"pixel_values has shape {pixel_values.shape}, but grids {grids} need "
-                             f"({expected}, {cfg.patch_dim})")
-        positions = vision_layout(grids, cfg.spatial_merge_size)[0]
-        inv_freq = inv_frequencies(cfg.head_dim // 2, cfg.rope_theta)
-        angles = np.concatenate([positions[:, :1] * inv_freq, positions[:, 1:] * inv_freq], axis=-1)
+        angles, _ = patch_angles(pixel_values, grids, cfg)
         frames = SegmentLayout(frame_segments(grids), angles)
         windows = SegmentLayout(window_segments(grids, cfg.spatial_merge_size, cfg.window_merge_units), angles)
         x = self.patch_embed(pixel_values)
@@ -605,20 +574,9 @@ class Qwen2_5OmniThinker(nnx.Module):
             audio = self.audio_tower(input_features, feature_attention_mask)
             lengths = feature_lengths(feature_attention_mask)[1]
             embeds = merge_audio_embeddings(embeds, input_ids, audio, lengths, cfg.audio_token_id)
-        merge2 = cfg.vision.spatial_merge_size ** 2
-        for pixels, grid, token in ((pixel_values, image_grid_thw, cfg.image_token_id),
-                                    (pixel_values_videos, video_grid_thw, cfg.video_token_id)):
-            if pixels is None:
-                continue
-            grids = as_grids(grid)
-            placeholder = input_ids == token
-            if _concrete(input_ids):
-                found, expected = int(np.sum(np.asarray(placeholder))), sum(t * h * w for t, h, w in grids) // merge2
-                if found != expected:
-                    raise ValueError(f"the prompts hold {found} vision tokens (id {token}) but the grids {grids} "
-                                     f"give {expected} embeddings")
-            embeds = scatter_into_placeholders(embeds, placeholder, self.visual(pixels, grids))
-        return embeds
+        return merge_vision_embeddings(embeds, input_ids, self.visual, cfg.vision.spatial_merge_size,
+                                       ((pixel_values, image_grid_thw, cfg.image_token_id),
+                                        (pixel_values_videos, video_grid_thw, cfg.video_token_id)))
 
     def _embeds_and_positions(self, input_ids, attention_mask, input_features, feature_attention_mask,
                               pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,

@@ -58,14 +58,15 @@ class Qwen2AudioEncoderConfig:
         return 2 * self.max_source_positions
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides) -> "Qwen2AudioEncoderConfig":
-        d = {**_AUDIO_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    def from_hf(cls, hf: dict[str, Any], *, defaults: dict[str, Any] | None = None, **overrides):
+        """From an HF audio config dict, HF's defaults filled in (`defaults`: a family's own, e.g.
+        Qwen2.5-Omni's); every field of `cls` but the numerics is read."""
+        d = {**(defaults or _AUDIO_DEFAULTS), **{k: v for k, v in hf.items() if v is not None}}
         if d["activation_function"] != "gelu":
             raise ValueError(f"audio tower activation_function must be 'gelu', got {d['activation_function']!r}")
         if d["scale_embedding"]:
             raise NotImplementedError("audio tower scale_embedding=true is not supported")
-        keys = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
-                "max_source_positions")
+        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype", "attention_impl")]
         return cls(**{**{k: d[k] for k in keys}, **overrides})
 
     def to_hf(self) -> dict[str, Any]:

@@ -228,6 +228,21 @@ def rope_index(input_ids, attention_mask, image_grids: Sequence[Grid], video_gri
     return positions
 
 
+def patch_angles(pixel_values, grids: Sequence[Grid], config):
+    """Check packed patches against their grids; (2-D rotary angles per patch [N, head_dim / 2],
+    the per-frame segment layout (gather, valid, scatter) of `vision_layout`).
+
+    The first half of the frequencies rotate by the patch's row, the second by its column.
+    """
+    expected = sum(t * h * w for t, h, w in grids)
+    if pixel_values.shape != (expected, config.patch_dim):
+        raise ValueError(f"pixel_values has shape {pixel_values.shape}, but grids {tuple(grids)} need "
+                         f"({expected}, {config.patch_dim})")
+    positions, *layout = vision_layout(grids, config.spatial_merge_size)
+    inv_freq = inv_frequencies(config.head_dim // 2, config.rope_theta)
+    return np.concatenate([positions[:, :1] * inv_freq, positions[:, 1:] * inv_freq], axis=-1), tuple(layout)
+
+
 class PatchEmbed(nnx.Module):
     """= PatchEmbed: the Conv3d with stride == kernel over (C, 2, 14, 14) patches is one matmul."""
 
@@ -297,15 +312,20 @@ class GELU(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """= PatchMerger: LayerNorm, then each 2x2 block of patches (consecutive rows) -> Linear, GELU, Linear."""
+    """= PatchMerger: LayerNorm, then each 2x2 block of patches (consecutive rows) -> Linear, GELU, Linear.
 
-    def __init__(self, config: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
+    `out_features` (default: the LM width, `config.hidden_size`) and `norm` (Qwen2.5-VL: RMSNorm)
+    serve the Qwen2.5-style towers too.
+    """
+
+    def __init__(self, config, *, out_features: int | None = None, norm=LayerNorm, rngs: nnx.Rngs):
         merged = config.embed_dim * config.spatial_merge_size ** 2
         pd = jnp.dtype(config.param_dtype)
         kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=pd, rngs=rngs)
-        self.ln_q = LayerNorm(config.embed_dim, eps=1e-6, param_dtype=pd, rngs=rngs)
+        self.ln_q = norm(config.embed_dim, eps=1e-6, param_dtype=pd, rngs=rngs)
         self.mlp = nnx.List([Linear(merged, merged, axes=("vision_merge", "mlp"), use_bias=True, **kw), GELU(),
-                             Linear(merged, config.hidden_size, axes=("mlp", "embed"), use_bias=True, **kw)])
+                             Linear(merged, out_features or config.hidden_size, axes=("mlp", "embed"), use_bias=True,
+                                    **kw)])
         self.merged = merged
 
     def __call__(self, x):
@@ -327,14 +347,7 @@ class Qwen2VisionTransformer(nnx.Module):
     def __call__(self, pixel_values, grid_thw):
         grids = as_grids(grid_thw)
         cfg = self.config
-        expected = sum(t * h * w for t, h, w in grids)
-        if pixel_values.shape != (expected, cfg.patch_dim):
-            raise ValueError(f"pixel_values has shape {pixel_values.shape}, but grids {grids} need "
-                             f"({expected}, {cfg.patch_dim})")
-        positions, gather, valid, scatter = vision_layout(grids, cfg.spatial_merge_size)
-        # 2-D rotary: the first half of the frequencies rotate by row, the second by column.
-        inv_freq = inv_frequencies(cfg.head_dim // 2, cfg.rope_theta)
-        angles = np.concatenate([positions[:, :1] * inv_freq, positions[:, 1:] * inv_freq], axis=-1)
+        angles, (gather, valid, scatter) = patch_angles(pixel_values, grids, cfg)
         cos, sin = rope_cos_sin(jnp.asarray(angles[gather], jnp.float32), jnp.float32)
         mask = jnp.asarray(valid)[:, None, None, :]
         x = self.patch_embed(pixel_values)[jnp.asarray(gather)]  # [S, L, D]
@@ -342,6 +355,23 @@ class Qwen2VisionTransformer(nnx.Module):
             x = block(x, cos, sin, mask)
         x = x.reshape(-1, x.shape[-1])[jnp.asarray(scatter)]
         return self.merger(x)
+
+
+def merge_vision_embeddings(embeds, input_ids, visual, merge: int, items):
+    """`embeds` with each (pixels, grids, placeholder token id) of `items` encoded by `visual` into its
+    placeholder positions (None pixels: skipped). Concrete ids are checked against the grids."""
+    for pixels, grid, token in items:
+        if pixels is None:
+            continue
+        grids = as_grids(grid)
+        placeholder = input_ids == token
+        if not isinstance(input_ids, jax.core.Tracer):
+            found, expected = int(np.sum(np.asarray(placeholder))), sum(t * h * w for t, h, w in grids) // merge ** 2
+            if found != expected:
+                raise ValueError(f"the prompts hold {found} vision tokens (id {token}) but the grids {grids} "
+                                 f"give {expected} embeddings")
+        embeds = scatter_into_placeholders(embeds, placeholder, visual(pixels, grids))
+    return embeds
 
 
 def scatter_into_placeholders(embeds, placeholder, values):
@@ -376,20 +406,9 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
                      video_grid_thw=None):
         """Token embeddings with the merged vision embeddings in the image/video placeholder positions."""
         embeds = self.language_model.model.embed_tokens(input_ids)
-        merge2 = self.config.vision.spatial_merge_size ** 2
-        for pixels, grid, token in ((pixel_values, image_grid_thw, self.config.image_token_id),
-                                    (pixel_values_videos, video_grid_thw, self.config.video_token_id)):
-            if pixels is None:
-                continue
-            grids = as_grids(grid)
-            placeholder = input_ids == token
-            if not isinstance(input_ids, jax.core.Tracer):
-                found, expected = int(np.sum(np.asarray(placeholder))), sum(t * h * w for t, h, w in grids) // merge2
-                if found != expected:
-                    raise ValueError(f"the prompts hold {found} vision tokens (id {token}) but the grids {grids} "
-                                     f"give {expected} embeddings")
-            embeds = scatter_into_placeholders(embeds, placeholder, self.visual(pixels, grids))
-        return embeds
+        return merge_vision_embeddings(embeds, input_ids, self.visual, self.config.vision.spatial_merge_size,
+                                       ((pixel_values, image_grid_thw, self.config.image_token_id),
+                                        (pixel_values_videos, video_grid_thw, self.config.video_token_id)))
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                       pixel_values_videos=None, video_grid_thw=None, position_ids=None):
