@@ -1,7 +1,8 @@
 """The paper-scale programs compiled for TPU slices on a machine without a TPU (libtpu's compiler).
 
 For each topology (v5e-8, v4-8, v5p-8) and its preset in `configs/paper.py`, lowers and compiles
-the Qwen2-Audio-7B LoRA distill step and the Qwen2-VL-7B teacher scoring step (10 s clips:
+the Qwen2-Audio-7B LoRA distill step, the Qwen2-VL-7B teacher scoring step and the Qwen2.5-Omni-7B
+scoring step on sounded video (10 s clips:
 1008 mel frames; 20 video frames of 360x640, VGGSound's usual size, at the processor's default
 resolution), then prints per-chip memory against the chip's HBM, XLA's FLOPs per chip per
 step, and the MFU the step would have at --step-seconds (and the step time 50 % MFU needs).
@@ -33,7 +34,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", action="append", choices=sorted(aot.TOPOLOGIES),
                    help="repeatable; default: all")
-    p.add_argument("--program", action="append", choices=sorted(aot.PROGRAMS), help="repeatable; default: both")
+    p.add_argument("--program", action="append", choices=sorted(aot.PROGRAMS), help="repeatable; default: all")
     p.add_argument("--batch", type=int, help="global batch (default: the preset's)")
     p.add_argument("--remat", choices=["none", "dots", "full"])
     p.add_argument("--mesh", help="DATAxFSDPxTENSOR, e.g. 1x8x1")

@@ -10,7 +10,8 @@ audio= / visual= (Hugging Face checkpoint directories, converted on load by conv
 manifest= (the converted VGGSound manifest), pann= (a PANN Cnn14 .pth or its safetensors copy),
 audio_visual= (optional: a Qwen2.5-Omni checkpoint or hub id, e.g. Qwen/Qwen2.5-Omni-7B, scored on
 audio, silent video and sounded video as the audio-visual reference), teacher=audio_visual (its
-sounded-video answers teach the student instead of the other modality's model),
+sounded-video answers teach the student instead of the other modality's model), humans= (a CSV
+of people's answers in the three conditions, data_pipelines/humans.py, for the report's analysis),
 mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device), topology=v5e-8|v4-8|v5p-8 (a
 preset below: mesh, batch sizes and remat whose compiled programs fit that slice's HBM,
 `benchmarks/tpu_aot.py`; it replaces mesh=).
@@ -30,16 +31,18 @@ from distill_jax import prompts
 # figures in benchmarks/README.md). distill_batch / label_batch are global batch sizes.
 # Peak per chip, distill / scoring: v5e-8 13.88 / 9.24 GiB of 16; v4-8 27.30 / 13.75 of 32; v5p-8
 # 26.98 / 13.69 of 95. No remat is needed at these batches (remat=full: 5.63 GiB on v5e-8).
+# audio_visual_batch: the Qwen2.5-Omni-7B sounded-video scoring batch (its evaluate and, as a teacher,
+# label batch): v5e-8 11.29 GiB of 16 per chip at 16.
 TOPOLOGY_PRESETS = {
-    "v5e-8": dict(mesh="1x8x1", distill_batch=32, remat="none", label_batch=16),  # 8 chips x 16 GiB
-    "v4-8": dict(mesh="1x4x1", distill_batch=32, remat="none", label_batch=16),  # 4 chips x 32 GiB (megacore)
-    "v5p-8": dict(mesh="1x4x1", distill_batch=32, remat="none", label_batch=16),  # 4 chips x 95 GiB
+    "v5e-8": dict(mesh="1x8x1", distill_batch=32, remat="none", label_batch=16, audio_visual_batch=16),
+    "v4-8": dict(mesh="1x4x1", distill_batch=32, remat="none", label_batch=16, audio_visual_batch=16),
+    "v5p-8": dict(mesh="1x4x1", distill_batch=32, remat="none", label_batch=16, audio_visual_batch=16),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1",
-                         topology="", audio_visual="", teacher="")
+                         topology="", audio_visual="", teacher="", humans="")
     preset = {}
     if args["topology"]:
         if args["topology"] not in TOPOLOGY_PRESETS:
@@ -60,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"
 
     c.data.manifest = args["manifest"] or None
+    c.data.humans = args["humans"] or None  # a CSV of human answers (data_pipelines/humans.py); None: no humans
     c.data.max_seconds = 10.0
     c.data.audio_chunk_seconds = 30.0  # the processor's chunk; we compute a 10.08 s window of it
     c.data.video_fps = 2.0
@@ -108,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.warmup_steps = 100
     c.distill.checkpoint_every = 500
     c.distill.log_every = 10
-    c.distill.eval_splits = ("test",)
+    c.distill.eval_splits = ("test", "analysis")  # analysis: the paper's headline split
     return c
 
 

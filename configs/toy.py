@@ -83,6 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "raise": a bad record stops the run naming file and offset; "skip": it is logged with file, offset,
     # clip id and reason, counted per split in <workdir>/data_errors.jsonl and the report, and left out,
     # while more than max_error_fraction of a split's records bad stops the run.
+    # Human answers to the same questions (data_pipelines/humans.py: clip_id, condition, participant,
+    # answer, options); None: the toy world's simulated participants (labelled simulated in the report).
+    c.data.humans = config_dict.placeholder(str)
     c.data.on_error = "raise"
     c.data.max_error_fraction = 0.01
     c.data.worker_count = 0
@@ -176,7 +179,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.checkpoint_every = 2 if tiny else 10
     c.distill.log_every = 1 if tiny else 5
     c.distill.max_nonfinite_steps = 3
-    c.distill.eval_splits = ("test", "unseen")
+    c.distill.eval_splits = ("test", "unseen", "analysis")  # analysis: the paper's headline split
     return c
 
 

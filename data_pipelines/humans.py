@@ -118,6 +118,9 @@ def majority_answers(responses: HumanResponses, condition: str) -> dict[str, str
     return {c: min(v, key=lambda name: (-v[name], name)) for c, v in votes.items()}
 
 
+_MODALITIES = {"audio": ("audio",), "video": ("visual",), "audio_video": ("audio", "visual")}
+
+
 def designed_accuracy(design_row: Mapping, condition: str) -> float:
     """What the toy world's design lets a perfect listener / viewer get right on a class: its pair
     Bayes accuracy in that modality; with both, the better of the two."""
@@ -131,7 +134,9 @@ def simulate(path, clips: Sequence[tuple[str, str, Sequence[str]]], design_rows:
     """Write simulated responses to `path`: every participant answers every clip (id, true class,
     shown options) in every condition. A participant's chance of a right answer on a class is its
     designed accuracy (`designed_accuracy`) times (1 - lapse), plus their own skill offset
-    (normal, sd `skill_sd`), clipped to [0, 1]; a wrong answer is another option at random."""
+    (normal, sd `skill_sd`), clipped to [0, 1]. A wrong answer is the class the design makes it
+    sound or look like in that condition (its `audio_partner` / `visual_partner`) when that is
+    shown, else another option at random."""
     design = {row["class"]: row for row in design_rows}
     rng = np.random.default_rng(seed)
     skills = rng.normal(0.0, skill_sd, participants)
@@ -144,6 +149,8 @@ def simulate(path, clips: Sequence[tuple[str, str, Sequence[str]]], design_rows:
                     right = rng.random() < np.clip(designed_accuracy(design[truth], condition) * (1 - lapse) + skill,
                                                    0.0, 1.0)
                     others = [i for i, o in enumerate(options) if o != truth]
-                    choice = list(options).index(truth) if right else int(rng.choice(others))
+                    partners = [design[truth].get(f"{m}_partner") for m in _MODALITIES[condition]]
+                    partners = [list(options).index(p) for p in partners if p in options]
+                    choice = list(options).index(truth) if right else int(rng.choice(partners or others))
                     writer.writerow([clip, condition, f"sim{p:02d}", LETTERS[choice], "|".join(options)])
     return str(path)

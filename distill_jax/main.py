@@ -221,6 +221,8 @@ def check_config(config, stages) -> None:
             if not path or not (is_hub_id(path) or (multihost.path(path) / "config.json").exists()):
                 errors.append(f"config.models.{modality}.path={path!r} is not a checkpoint directory "
                               "(no config.json) nor a hub id (owner/name)")
+        if config.data.get("humans") and not multihost.path(config.data.humans).exists():
+            errors.append(f"config.data.humans={config.data.humans!r} does not exist")
         if not config.data.manifest or not multihost.path(config.data.manifest).exists():
             errors.append(f"config.data.manifest={config.data.manifest!r} does not exist")
         if not multihost.path(config.switch.backbone).is_file():

@@ -20,10 +20,11 @@ SEED_OUTPUTS = [
     "labels/always.jsonl", "labels/never.jsonl", "labels/oracle.jsonl", "distill/learned/adapter/adapter_config.json",
     "distill/learned/adapter/adapter_model.safetensors", "distill/always/logs/metrics.jsonl",
     "eval/student_learned/test.jsonl", "eval/student_always/unseen.jsonl", "eval/student_never/test.jsonl",
-    "eval/student_oracle/test.jsonl", "results.json", "timings.json",
+    "eval/student_oracle/test.jsonl", "results.json", "timings.json", "data/humans_simulated.csv",
 ]
 STAGE_OUTPUTS = [f"seed_0/{rel}" for rel in SEED_OUTPUTS] + [
-    "results.md", "results.json", "per_class_accuracy.png", "modality_gap.png", "findings.png"]
+    "results.md", "results.json", "per_class_accuracy.png", "modality_gap.png", "findings.png",
+    "gap_models_vs_humans.png", "gap_by_class.png"]
 
 
 def _mtimes(workdir):
@@ -61,6 +62,40 @@ def test_every_stage_writes_outputs_that_parse(tiny_run):
     metrics = [json.loads(line) for line in open(os.path.join(seed, "distill", "learned", "logs", "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and np.isfinite(metrics[-1]["loss"])
     assert json.load(open(os.path.join(seed, "models", "audio", "config.json")))["model_type"] == "qwen2_audio"
+
+
+def test_the_analysis_puts_models_beside_simulated_humans(tiny_run):
+    """results.json's analysis: human accuracy per condition from the simulated responses, each
+    model's per-class accuracy on the analysis split, the gap correlation and kappa, from them."""
+    from scipy import stats as scipy_stats
+
+    from data_pipelines import humans
+    from distill_jax.stages import analysis
+
+    a = json.load(open(os.path.join(tiny_run, "results.json")))["analysis"]
+    seed = os.path.join(tiny_run, "seed_0")
+    audio = {r["clip_id"]: r for r in read_records(os.path.join(seed, "eval", "audio", "analysis.jsonl"))}
+    visual = {r["clip_id"]: r for r in read_records(os.path.join(seed, "eval", "visual", "analysis.jsonl"))}
+    classes = json.load(open(os.path.join(seed, SEED_OUTPUTS[0])))["classes"]
+    responses = humans.read_responses(os.path.join(seed, "data", "humans_simulated.csv"),
+                                      {c: classes[r["label"]] for c, r in audio.items()}, classes)
+    assert a["humans"]["simulated"] and a["humans"]["unknown_clip_rows"] == 0 and a["split"] == "analysis"
+    assert a["human_accuracy"] == humans.accuracy_by_condition(responses)
+    assert set(a["human_accuracy"]) == set(humans.CONDITIONS) and a["human_accuracy"]["audio"]["participants"] == 12
+    assert set(a["model_accuracy"]) == {"audio", "video"} and set(a["kappa"]) == {"audio", "video"}  # no AV model
+    assert a["model_accuracy"]["audio"]["overall"] == pytest.approx(
+        np.mean([r["predicted"] == r["answer"] for r in audio.values()]))
+    per_class = lambda recs, name: np.mean([r["predicted"] == r["answer"] for r in recs.values()  # noqa: E731
+                                            if classes[r["label"]] == name])
+    for gap in a["gaps"]:
+        assert gap["model_gap"] == pytest.approx(per_class(visual, gap["class"]) - per_class(audio, gap["class"]))
+    x, y = (np.asarray([g[k] for g in a["gaps"]]) for k in ("model_gap", "human_gap"))
+    if np.ptp(x) > 0:
+        assert a["gap_correlation"]["pearson"]["value"] == pytest.approx(scipy_stats.pearsonr(x, y)[0])
+    majority = humans.majority_answers(responses, "audio")  # the audio model's letters are classes (fixed options)
+    expected = analysis.cohen_kappa([classes[audio[c]["predicted"]] for c in majority], list(majority.values()))
+    assert a["kappa"]["audio"]["value"] == pytest.approx(expected) and a["kappa"]["audio"]["clips"] == len(majority)
+    assert "## Models and humans, analysis (simulated participants" in open(os.path.join(tiny_run, "results.md")).read()
 
 
 def test_findings_are_paired_comparisons_of_the_records(tiny_run):

@@ -453,7 +453,10 @@ class OmniVisionAttention(nnx.Module):
         self.proj = Linear(d, d, axes=("q_heads", "embed"), **kw)
 
     def __call__(self, x, layout: SegmentLayout):
-        heads = lambda y: y[layout.gather].reshape(*layout.gather.shape, self.num_heads, self.head_dim)
+        # Segments are spread over the batch axes, as Qwen2-VL's tower's are. Left to propagation, the
+        # gathered layout's sharding made libtpu's dot cost model overflow its stack (v5e-8, 7B).
+        heads = lambda y: constrain(y[layout.gather].reshape(*layout.gather.shape, self.num_heads, self.head_dim),
+                                    ("batch", "length", "act_heads", None))
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         q = apply_rope(q.astype(jnp.float32), layout.cos, layout.sin).astype(x.dtype)
         k = apply_rope(k.astype(jnp.float32), layout.cos, layout.sin).astype(x.dtype)

@@ -257,6 +257,9 @@ def build(studies: list) -> dict:
                "clips": {split: first.num_examples(split) for split in splits},
                "findings": findings(studies, seed_results, records), **aggregate(studies, seed_results),
                "design": design(first), "per_seed": seed_results}
+    from distill_jax.stages import analysis
+
+    results["analysis"] = analysis.build(studies)
     from distill_jax import data_errors
 
     results["data_errors"] = {"on_error": first.config.data.on_error,
@@ -335,6 +338,7 @@ def markdown(results: dict) -> str:
     lines += ["", f"Teacher-/student-strong (per seed, class counts in brackets): the teacher's accuracy minus the "
               f"student's on the switch's split is >= {100 * results['gap_threshold']:.0f} points / <= -that."]
     lines += per_class_section(results)
+    lines += analysis_section(results.get("analysis"))
     sw = results.get("switch")
     if sw:
         lines += ["", "## Switch", "", "| seed | labels | train clips (teacher better) | eval split | accuracy | "
@@ -377,6 +381,39 @@ def data_errors_section(results: dict) -> list[str]:
         lines.append(f"| {row['seed']} | {row['split']} | {row['skipped']} | {row['of']} | {reasons} |")
     return lines + ["", f"Each skipped record is listed with its file, offset, clip id and reason in data_errors.jsonl "
                         f"(the run stops past {100 * errors['max_error_fraction']:g} % of a split)."]
+
+
+def analysis_section(a: dict | None) -> list[str]:
+    """Models beside humans (the paper's analysis): accuracy per condition, gap correlation, kappa."""
+    if not a or not a["human_accuracy"]:
+        return []
+    who = "simulated participants (the toy world's design, not people)" if a["humans"]["simulated"] else "people"
+    lines = ["", f"## Models and humans, {a['split']} ({who})", "",
+             "| condition | humans | participants | model | model accuracy | kappa (model vs human majority) |",
+             "|---|---|---|---|---|---|"]
+    for condition, h in a["human_accuracy"].items():
+        m, k = a["model_accuracy"].get(condition), a["kappa"].get(condition)
+        kappa = "-" if not k or k["value"] is None else f"{k['value']:.2f} ({k['clips']} clips)"
+        lines.append(f"| {condition} | {_pct(h['overall'])} | {h['participants']} | "
+                     f"{m['model'] if m else '(none)'} | {_pct(m['overall']) if m else '-'} | {kappa} |")
+    c = a.get("gap_correlation")
+    if c and c["pearson"]["value"] is not None:
+        fmt = lambda r: f"{r['value']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"  # noqa: E731
+        lines += ["", f"Sensory gap (video − audio accuracy) per class, models vs humans over {c['classes']} classes: "
+                  f"Pearson {fmt(c['pearson'])}, Spearman {fmt(c['spearman'])} (bootstrap 95 % CIs over classes). "
+                  f"Most visual for the models: {'; '.join(a['strongest']['models']['visual'])}; for humans: "
+                  f"{'; '.join(a['strongest']['humans']['visual'])}. Most auditory for the models: "
+                  f"{'; '.join(a['strongest']['models']['audio'])}; for humans: "
+                  f"{'; '.join(a['strongest']['humans']['audio'])}."]
+    for side in ("models", "humans"):
+        pairs = [f"{cond}: " + ", ".join(f"{p['true']} → {p['chosen']} ({p['count']})" for p in rows[:3])
+                 for cond, rows in a["confusions"][side].items() if rows]
+        if pairs:
+            lines += ["", f"Most confused by the {side} (true → answered, clips): " + "; ".join(pairs) + "."]
+    if a["humans"]["unknown_clip_rows"]:
+        lines += ["", f"{a['humans']['unknown_clip_rows']} response rows name clips this run does not have; "
+                  "they are left out."]
+    return lines
 
 
 def per_class_section(results: dict) -> list[str]:
@@ -456,6 +493,33 @@ def plots(results: dict, out_dir) -> list[str]:
             tick.set_ha("right")
         fig.tight_layout()
         written.append(_save(fig, out_dir, "modality_gap.png"))
+        plt.close(fig)
+    gaps = (results.get("analysis") or {}).get("gaps")
+    if gaps:
+        corr = results["analysis"]["gap_correlation"]
+        fig, ax = plt.subplots(figsize=(6, 6))
+        x, y = [100 * g["model_gap"] for g in gaps], [100 * g["human_gap"] for g in gaps]
+        ax.scatter(x, y)
+        for g, xi, yi in zip(gaps, x, y):
+            ax.annotate(g["class"], (xi, yi), fontsize=7)
+        ax.axhline(0, color="grey", lw=0.8), ax.axvline(0, color="grey", lw=0.8)
+        who = "simulated humans" if results["analysis"]["humans"]["simulated"] else "humans"
+        ax.set_xlabel("models: visual - audio accuracy (points)")
+        ax.set_ylabel(f"{who}: video - audio accuracy (points)")
+        r = corr["pearson"]["value"] if corr else None
+        ax.set_title("sensory gap per class" + (f": Pearson r = {r:.2f}" if r is not None else ""))
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "gap_models_vs_humans.png"))
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(gaps)), 4.5))  # sorted by the humans' gap
+        pos = np.arange(len(gaps))
+        ax.bar(pos - 0.2, x, 0.4, label="models (visual - audio)")
+        ax.bar(pos + 0.2, y, 0.4, label=f"{who} (video - audio)")
+        ax.set_xticks(pos, [g["class"] for g in gaps], rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy gap (points)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "gap_by_class.png"))
         plt.close(fig)
     measured = [f for f in results["findings"] if f["diff"] is not None]
     if measured:

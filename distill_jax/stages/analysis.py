@@ -1,0 +1,175 @@
+"""Models and humans on the same questions (the paper's analysis), part of the report.
+
+On the analysis split (config.switch.split), per class: the audio model on the sound, the
+visual model on the silent video, the audio-visual model (if the run has one) on the sounded
+video, and people in the same three conditions (`data_pipelines.humans`: config.data.humans,
+or in the toy world simulated participants, `data/humans_simulated.csv`, labelled simulated).
+It gives each side's per-class accuracy and sensory gap (video - audio), how well the models'
+gaps follow the humans' (Pearson and Spearman over classes, with bootstrap 95 % CIs that
+resample classes), agreement per condition (Cohen's kappa between the model's answer and the
+human majority's, per clip), the classes each side finds most visual or most auditory, and the
+most confused class pairs. Seeds are pooled (each toy seed is its own world and people).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from data_pipelines import humans as humans_lib
+from distill_jax import multihost
+
+# condition -> the records name of the model shown the clip that way (the audio-visual one if any)
+MODEL_OF_CONDITION = {"audio": "audio", "video": "visual", "audio_video": "audio_visual_audio_video"}
+BOOTSTRAP = 2000
+TOP = 5
+
+
+def responses_path(study):
+    """The run's human responses: config.data.humans, or (toy world) the simulated file; None: none."""
+    path = study.config.data.get("humans")
+    if path:
+        return multihost.path(path)
+    return study.path("data", "humans_simulated.csv") if study.config.toy else None
+
+
+def simulated(study) -> bool:
+    return not study.config.data.get("humans") and bool(study.config.toy)
+
+
+def ensure_simulated(study, split_records: dict[str, dict]) -> None:
+    """Toy world: write the simulated responses on the split's clips once (their own questions)."""
+    path = responses_path(study)
+    if not simulated(study) or path.exists() or not multihost.is_main():
+        return
+    design = multihost.read_json(study.path("data", "design.json"))["classes"]
+    maker = study.question_maker()
+    clips = []
+    for clip_id, record in sorted(split_records.items()):
+        name = study.classes[record["label"]]
+        clips.append((clip_id, name, maker(clip_id, name).options))
+    tmp = path.parent / f".{path.name}.tmp"
+    humans_lib.simulate(multihost.local_file(tmp) if multihost.is_remote(tmp) else str(tmp), clips, design,
+                        seed=int(study.config.seed))
+    tmp.rename(path)
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float | None:
+    """Cohen's kappa of two raters' labels on the same items (None when chance agreement is 1)."""
+    a, b = np.asarray(a), np.asarray(b)
+    labels = np.unique(np.concatenate([a, b]))
+    observed = float(np.mean(a == b))
+    chance = float(sum(np.mean(a == k) * np.mean(b == k) for k in labels))
+    return None if chance >= 1 else (observed - chance) / (1 - chance)
+
+
+def correlation(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> dict:
+    """Pearson and Spearman of x and y with percentile bootstrap 95 % CIs (pairs resampled)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, fn in (("pearson", scipy_stats.pearsonr), ("spearman", scipy_stats.spearmanr)):
+        if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            out[name] = {"value": None, "ci95": None}
+            continue
+        draws = []
+        for _ in range(BOOTSTRAP):
+            i = rng.integers(0, len(x), len(x))
+            if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+                draws.append(float(fn(x[i], y[i])[0]))
+        out[name] = {"value": float(fn(x, y)[0]), "ci95": [float(np.percentile(draws, 2.5)),
+                                                           float(np.percentile(draws, 97.5))]}
+    return {**out, "classes": int(len(x))}
+
+
+def _confusions(pairs: list[tuple[str, str]]) -> list[dict]:
+    counts: dict[tuple[str, str], int] = {}
+    for truth, chosen in pairs:
+        if truth != chosen:
+            counts[(truth, chosen)] = counts.get((truth, chosen), 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP]
+    return [{"true": t, "chosen": c, "count": n} for (t, c), n in ranked]
+
+
+def _split_records(study, split: str) -> dict[tuple[str, str], dict[str, dict]]:
+    from distill_jax.stages.evaluate import read_records
+
+    out = {}
+    for name in MODEL_OF_CONDITION.values():
+        path = study.records_path(name, split)
+        if path.exists():
+            out[(name, split)] = {r["clip_id"]: r for r in read_records(path)}
+    return out
+
+
+def build(studies: list) -> dict | None:
+    """results.json's `analysis` ({} parts where a side is missing); None without the split's records."""
+    first = studies[0]
+    split = first.config.switch.split
+    models, people, unknown, sources = {}, [], 0, []
+    for study in studies:
+        scored = _split_records(study, split)
+        if ("audio", split) not in scored:
+            return None  # the evaluate stage has not run
+        ensure_simulated(study, scored[("audio", split)])
+        truth = {c: study.classes[r["label"]] for c, r in scored[("audio", split)].items()}
+        path = responses_path(study)
+        if path is not None and path.exists():
+            local = multihost.local_file(path) if multihost.is_remote(path) else str(path)
+            responses = humans_lib.read_responses(local, truth, study.classes)
+            people.append(responses)
+            unknown += responses.num_unknown
+            sources.append(str(path))
+        maker = study.question_maker()
+        for condition, name in MODEL_OF_CONDITION.items():
+            for clip_id, r in (scored.get((name, split)) or {}).items():
+                truth = study.classes[r["label"]]  # the model's letter, as a class of the clip's own options
+                models.setdefault(condition, []).append(
+                    {"clip_id": f"{study.config.seed}/{clip_id}", "truth": truth,
+                     "chosen": maker(clip_id, truth).options[r["predicted"]], "correct": r["predicted"] == r["answer"]})
+    human_rows = [dict(r, clip_id=f"{s.config.seed}/{r['clip_id']}") for s, h in zip(studies, people) for r in h.rows]
+    pooled = humans_lib.HumanResponses(";".join(sources), human_rows, {})
+    human_accuracy = humans_lib.accuracy_by_condition(pooled)
+    model_accuracy = {}
+    for condition, rows in models.items():
+        per_class = {}
+        for name in sorted({r["truth"] for r in rows}):
+            hits = [r["correct"] for r in rows if r["truth"] == name]
+            per_class[name] = {"accuracy": float(np.mean(hits)), "total": len(hits)}
+        model_accuracy[condition] = {"model": MODEL_OF_CONDITION[condition],
+                                     "overall": float(np.mean([r["correct"] for r in rows])), "per_class": per_class}
+    gaps = []
+    for name in first.classes:
+        try:
+            model_gap = (model_accuracy["video"]["per_class"][name]["accuracy"]
+                         - model_accuracy["audio"]["per_class"][name]["accuracy"])
+            human_gap = (human_accuracy["video"]["per_class"][name]["accuracy"]
+                         - human_accuracy["audio"]["per_class"][name]["accuracy"])
+        except KeyError:
+            continue  # a side did not see the class in both conditions
+        gaps.append({"class": name, "model_gap": model_gap, "human_gap": human_gap})
+    gaps.sort(key=lambda g: (-g["human_gap"], g["class"]))
+    x, y = np.asarray([g["model_gap"] for g in gaps]), np.asarray([g["human_gap"] for g in gaps])
+    kappa = {}
+    for condition, rows in models.items():
+        majority = {}
+        for study, h in zip(studies, people):
+            majority.update({f"{study.config.seed}/{c}": v
+                             for c, v in humans_lib.majority_answers(h, condition).items()})
+        both = [r for r in rows if r["clip_id"] in majority]
+        if both:
+            kappa[condition] = {"model": MODEL_OF_CONDITION[condition], "clips": len(both),
+                                "value": cohen_kappa([r["chosen"] for r in both], [majority[r["clip_id"]] for r in both])}
+    by_model = sorted(gaps, key=lambda g: (-g["model_gap"], g["class"]))
+    return {
+        "split": split, "humans": {"sources": sources, "simulated": simulated(first), "unknown_clip_rows": unknown},
+        "human_accuracy": human_accuracy, "model_accuracy": model_accuracy, "gaps": gaps,
+        "gap_correlation": correlation(x, y) if len(gaps) else None, "kappa": kappa,
+        "strongest": {"models": {"visual": [g["class"] for g in by_model[:TOP]],
+                                 "audio": [g["class"] for g in by_model[::-1][:TOP]]},
+                      "humans": {"visual": [g["class"] for g in gaps[:TOP]],
+                                 "audio": [g["class"] for g in gaps[::-1][:TOP]]}},
+        "confusions": {
+            "models": {c: _confusions([(r["truth"], r["chosen"]) for r in rows]) for c, rows in models.items()},
+            "humans": {c: _confusions([(r["truth"], r["chosen"]) for r in human_rows if r["condition"] == c])
+                       for c in humans_lib.CONDITIONS}},
+    }
+
