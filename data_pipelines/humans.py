@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import string
 from collections.abc import Mapping, Sequence
 
@@ -128,10 +129,10 @@ def designed_accuracy(design_row: Mapping, condition: str) -> float:
     return {"audio": audio, "video": visual, "audio_video": max(audio, visual)}[condition]
 
 
-def simulate(path, clips: Sequence[tuple[str, str, Sequence[str]]], design_rows: Sequence[Mapping], *,
+def simulate(clips: Sequence[tuple[str, str, Sequence[str]]], design_rows: Sequence[Mapping], *,
              participants: int = 12, seed: int = 0, skill_sd: float = 0.05, lapse: float = 0.03,
              conditions: Sequence[str] = CONDITIONS) -> str:
-    """Write simulated responses to `path`: every participant answers every clip (id, true class,
+    """Simulated responses, as a response file's text: every participant answers every clip (id, true class,
     shown options) in every condition. A participant's chance of a right answer on a class is its
     designed accuracy (`designed_accuracy`) times (1 - lapse), plus their own skill offset
     (normal, sd `skill_sd`), clipped to [0, 1]. A wrong answer is the class the design makes it
@@ -140,17 +141,18 @@ def simulate(path, clips: Sequence[tuple[str, str, Sequence[str]]], design_rows:
     design = {row["class"]: row for row in design_rows}
     rng = np.random.default_rng(seed)
     skills = rng.normal(0.0, skill_sd, participants)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for condition in conditions:
-            for p, skill in enumerate(skills):
-                for clip, truth, options in clips:
-                    right = rng.random() < np.clip(designed_accuracy(design[truth], condition) * (1 - lapse) + skill,
-                                                   0.0, 1.0)
-                    others = [i for i, o in enumerate(options) if o != truth]
-                    partners = [design[truth].get(f"{m}_partner") for m in _MODALITIES[condition]]
-                    partners = [list(options).index(p) for p in partners if p in options]
-                    choice = list(options).index(truth) if right else int(rng.choice(partners or others))
-                    writer.writerow([clip, condition, f"sim{p:02d}", LETTERS[choice], "|".join(options)])
-    return str(path)
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for condition in conditions:
+        for who, skill in enumerate(skills):
+            for clip, truth, options in clips:
+                options = list(options)
+                right = rng.random() < np.clip(designed_accuracy(design[truth], condition) * (1 - lapse) + skill,
+                                               0.0, 1.0)
+                partners = [design[truth].get(f"{m}_partner") for m in _MODALITIES[condition]]
+                partners = [options.index(name) for name in partners if name in options]
+                others = [i for i, o in enumerate(options) if o != truth]
+                choice = options.index(truth) if right else int(rng.choice(partners or others))
+                writer.writerow([clip, condition, f"sim{who:02d}", LETTERS[choice], "|".join(options)])
+    return out.getvalue()

@@ -70,7 +70,8 @@ def test_simulated_participants_answer_as_the_design_allows(tmp_path):
                "audio_partner": "dog", "visual_partner": None}]
     clips = [(f"d{i}", "dog", ("dog", "cat", "car")) for i in range(50)] + \
             [(f"k{i}", "cat", ("car", "cat", "dog")) for i in range(50)]
-    path = humans.simulate(tmp_path / "sim.csv", clips, design, participants=20, skill_sd=0.0, lapse=0.0, seed=3)
+    path = tmp_path / "sim.csv"
+    path.write_text(humans.simulate(clips, design, participants=20, skill_sd=0.0, lapse=0.0, seed=3))
     truth = {c: t for c, t, _ in clips}
     responses = humans.read_responses(path, truth, ["dog", "cat", "car"])
     acc = humans.accuracy_by_condition(responses)
@@ -80,7 +81,7 @@ def test_simulated_participants_answer_as_the_design_allows(tmp_path):
         assert acc[condition]["per_class"][name]["accuracy"] == pytest.approx(value, abs=0.03), (condition, name)
     wrong = [r for r in responses.rows if not r["correct"]]
     assert wrong and all(r["chosen"] == {"dog": "cat", "cat": "dog"}[r["truth"]] for r in wrong)  # the partners
-    assert acc["audio"]["participants"] == 20 and open(path).readline().strip() == ",".join(humans.COLUMNS)
+    assert acc["audio"]["participants"] == 20 and path.read_text().splitlines()[0] == ",".join(humans.COLUMNS)
 
 
 def test_kappa_and_gap_correlation_against_references():

@@ -47,10 +47,7 @@ def ensure_simulated(study, split_records: dict[str, dict]) -> None:
     for clip_id, record in sorted(split_records.items()):
         name = study.classes[record["label"]]
         clips.append((clip_id, name, maker(clip_id, name).options))
-    tmp = path.parent / f".{path.name}.tmp"
-    humans_lib.simulate(multihost.local_file(tmp) if multihost.is_remote(tmp) else str(tmp), clips, design,
-                        seed=int(study.config.seed))
-    tmp.rename(path)
+    multihost.write_text(path, humans_lib.simulate(clips, design, seed=int(study.config.seed)))  # atomic
 
 
 def cohen_kappa(a: list[str], b: list[str]) -> float | None:
