@@ -59,21 +59,30 @@ def cohen_kappa(a: list[str], b: list[str]) -> float | None:
     return None if chance >= 1 else (observed - chance) / (1 - chance)
 
 
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson's r of each row pair of x and y [draws, n] (NaN where a row is constant)."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(x * y, axis=1) / np.sqrt(np.sum(x * x, axis=1) * np.sum(y * y, axis=1))
+
+
 def correlation(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> dict:
-    """Pearson and Spearman of x and y with percentile bootstrap 95 % CIs (pairs resampled)."""
-    rng = np.random.default_rng(seed)
+    """Pearson and Spearman of x and y (scipy's), with percentile bootstrap 95 % CIs: pairs resampled,
+    all draws at once (a draw whose resample is constant on a side is left out)."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"pearson": {"value": None, "ci95": None}, "spearman": {"value": None, "ci95": None},
+                "classes": int(len(x))}
+    index = np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP, len(x)))
+    xs, ys = x[index], y[index]
+    draws = {"pearson": _pearson_rows(xs, ys),
+             "spearman": _pearson_rows(scipy_stats.rankdata(xs, axis=1), scipy_stats.rankdata(ys, axis=1))}
+    values = {"pearson": scipy_stats.pearsonr(x, y)[0], "spearman": scipy_stats.spearmanr(x, y)[0]}
     out = {}
-    for name, fn in (("pearson", scipy_stats.pearsonr), ("spearman", scipy_stats.spearmanr)):
-        if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-            out[name] = {"value": None, "ci95": None}
-            continue
-        draws = []
-        for _ in range(BOOTSTRAP):
-            i = rng.integers(0, len(x), len(x))
-            if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
-                draws.append(float(fn(x[i], y[i])[0]))
-        out[name] = {"value": float(fn(x, y)[0]), "ci95": [float(np.percentile(draws, 2.5)),
-                                                           float(np.percentile(draws, 97.5))]}
+    for name, value in values.items():
+        finite = draws[name][np.isfinite(draws[name])]
+        out[name] = {"value": float(value), "ci95": [float(np.percentile(finite, 2.5)),
+                                                     float(np.percentile(finite, 97.5))]}
     return {**out, "classes": int(len(x))}
 
 
@@ -114,7 +123,8 @@ def build(studies: list) -> dict | None:
             responses = humans_lib.read_responses(local, truth, study.classes)
             people.append(responses)
             unknown += responses.num_unknown
-            sources.append(str(path))
+            # as the config names it, or the simulated file relative to the run (results.json is the same anywhere)
+            sources.append(study.config.data.get("humans") or str(path.relative_to(study.run_dir)))
         maker = study.question_maker()
         for condition, name in MODEL_OF_CONDITION.items():
             for clip_id, r in (scored.get((name, split)) or {}).items():
