@@ -96,6 +96,10 @@ def test_the_analysis_puts_models_beside_simulated_humans(tiny_run):
     expected = analysis.cohen_kappa([classes[audio[c]["predicted"]] for c in majority], list(majority.values()))
     assert a["kappa"]["audio"]["value"] == pytest.approx(expected) and a["kappa"]["audio"]["clips"] == len(majority)
     assert "## Models and humans, analysis (simulated participants" in open(os.path.join(tiny_run, "results.md")).read()
+    results = json.load(open(os.path.join(tiny_run, "results.json")))
+    assert a["unseen"] == {label: results["accuracy"][label]["unseen"] for label in (
+        "student (original)", "student distilled (learned)", "student distilled (always)",
+        "student distilled (never)", "student distilled (oracle)")}
 
 
 def test_findings_are_paired_comparisons_of_the_records(tiny_run):

@@ -260,6 +260,10 @@ def build(studies: list) -> dict:
     from distill_jax.stages import analysis
 
     results["analysis"] = analysis.build(studies)
+    if results["analysis"] is not None:  # the unseen classes: the original and distilled students there
+        unseen = {label: per["unseen"] for label, per in results["accuracy"].items()
+                  if "unseen" in per and (label == ORIGINAL or label.startswith("student distilled"))}
+        results["analysis"]["unseen"] = unseen or None
     from distill_jax import data_errors
 
     results["data_errors"] = {"on_error": first.config.data.on_error,
@@ -410,6 +414,9 @@ def analysis_section(a: dict | None) -> list[str]:
                  for cond, rows in a["confusions"][side].items() if rows]
         if pairs:
             lines += ["", f"Most confused by the {side} (true → answered, clips): " + "; ".join(pairs) + "."]
+    if a.get("unseen"):
+        lines += ["", "Unseen classes (never in distillation): " + ", ".join(
+            f"{label} {_mean_sd(cell)}" for label, cell in a["unseen"].items()) + " (%)."]
     if a["humans"]["unknown_clip_rows"]:
         lines += ["", f"{a['humans']['unknown_clip_rows']} response rows name clips this run does not have; "
                   "they are left out."]
