@@ -215,13 +215,10 @@ class Qwen2_5OmniTransform(PromptTransform):
     @property
     def model_config(self):
         if self._model_config is None:
-            import json
-            import os
-
+            from distill_jax.convert import read_hf_config
             from distill_jax.models.qwen2_5_omni import Qwen2_5OmniConfig
 
-            with open(os.path.join(self.tokenizer_dir, "config.json")) as f:
-                self._model_config = Qwen2_5OmniConfig.from_hf(json.load(f))
+            self._model_config = Qwen2_5OmniConfig.from_hf(read_hf_config(self.tokenizer_dir))
         return self._model_config
 
     def __getstate__(self):
@@ -278,14 +275,13 @@ class Qwen2_5OmniTransform(PromptTransform):
         return (("video_grid", batch_grid(batch)),) if self.uses_video else ()
 
     def model_inputs(self, arrays: dict, static: tuple) -> dict:
-        out = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
-               "position_ids": arrays["position_ids"].transpose(2, 0, 1)}
+        if self.uses_video:  # the video part is packed as for Qwen2-VL
+            out = qwen2_vl_model_inputs(arrays, dict(static)["video_grid"])
+        else:
+            out = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
+                   "position_ids": arrays["position_ids"].transpose(2, 0, 1)}
         if self.uses_audio:
             out.update(input_features=arrays["input_features"], feature_attention_mask=arrays["feature_attention_mask"])
-        if self.uses_video:
-            pixels = arrays["pixel_values_videos"]
-            out.update(pixel_values_videos=pixels.reshape(-1, pixels.shape[-1]),
-                       video_grid_thw=(tuple(dict(static)["video_grid"]),) * pixels.shape[0])
         return out
 
 

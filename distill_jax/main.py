@@ -119,8 +119,7 @@ def check_config(config, stages) -> None:
     errors += [_number(config, "models.audio_visual.min_pixels", kind=int, low=28 * 28),
                _number(config, "models.audio_visual.max_pixels", kind=int, low=28 * 28),
                _number(config, "models.audio_visual.batch_size", kind=int, low=1, none_ok=True)]
-    has_audio_visual = bool(av.path) or (config.toy and config.warm_start.audio_visual)
-    if config.teacher == common.AUDIO_VISUAL and not (has_audio_visual and "audio_video" in conditions):
+    if config.teacher == common.AUDIO_VISUAL and not (common.has_audio_visual(config) and "audio_video" in conditions):
         errors.append("config.teacher='audio_visual' needs an audio-visual model (config.models.audio_visual.path; "
                       "toy: warm_start.audio_visual=True) scored on 'audio_video' (models.audio_visual.conditions)")
     for axis in ("data", "fsdp", "tensor"):
@@ -359,6 +358,15 @@ def stage_values(config, stage: str) -> dict:
     return values
 
 
+def recorded_stages(config, stages) -> list[str]:
+    """The STAGE_CONFIG entries a run of `stages` records, in order: its stages, and the audio-visual
+    model's outputs when the run has that model and warm-starts or evaluates."""
+    recorded = [s for s in STAGE_CONFIG if s in stages]
+    if common.has_audio_visual(config) and {"warm_start", "evaluate"} & set(stages):
+        recorded.append("audio_visual")
+    return recorded
+
+
 def stage_configs_file(seed_workdir) -> epath.Path:
     return multihost.path(seed_workdir) / "stage_configs.json"
 
@@ -375,9 +383,7 @@ def check_stage_configs(study, stages) -> None:
     record_file = stage_configs_file(study.workdir)
     recorded = recorded_stage_configs(study.workdir)
     unchanged = dict(recorded)
-    if study.audio_visual and {"warm_start", "evaluate"} & set(stages):
-        stages = [*stages, "audio_visual"]
-    for stage in [s for s in STAGE_CONFIG if s in stages]:
+    for stage in recorded_stages(study.config, stages):
         current = stage_values(study.config, stage)
         before = recorded.get(stage)
         has_outputs = any(study.path(rel).exists() for rel in STAGE_OUTPUTS[stage])

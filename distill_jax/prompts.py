@@ -151,6 +151,18 @@ def chunk_bounds(times: Sequence[float], per_chunk: float) -> list[tuple[int, in
     return bounds
 
 
+def interleave_by_chunk(video_times, audio_times, per_chunk: int) -> list[tuple[str, int, int]]:
+    """A sounded video's tokens in prompt order, as ("video" | "audio", start, end) runs of the two
+    streams: per `per_chunk` of time, the chunk's video tokens, then its audio tokens (= the order
+    Qwen2.5-Omni's processor writes them and its position index reads them)."""
+    video, audio = chunk_bounds(video_times, per_chunk), chunk_bounds(audio_times, per_chunk)
+    runs = []
+    for k in range(max(len(video), len(audio))):
+        runs += [("video", *video[k])] if k < len(video) else []
+        runs += [("audio", *audio[k])] if k < len(audio) else []
+    return runs
+
+
 def sounded_video_placeholder(grid_thw, num_audio_tokens: int, *, second_per_grid: float,
                               position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
                               merge_size: int = 2) -> str:
@@ -164,16 +176,10 @@ def sounded_video_placeholder(grid_thw, num_audio_tokens: int, *, second_per_gri
     t, h, w = (int(v) for v in grid_thw)
     video_times = np.repeat(np.arange(t), (h // merge_size) * (w // merge_size)) * second_per_grid \
         * position_id_per_seconds
-    per_chunk = int(position_id_per_seconds * seconds_per_chunk)
-    video_chunks = chunk_bounds(video_times, per_chunk)
-    audio_chunks = chunk_bounds(np.arange(int(num_audio_tokens)), per_chunk)
-    parts = [VISION_BOS, AUDIO_BOS]
-    for k in range(max(len(video_chunks), len(audio_chunks))):
-        if k < len(video_chunks):
-            parts.append(OMNI_VIDEO * (video_chunks[k][1] - video_chunks[k][0]))
-        if k < len(audio_chunks):
-            parts.append(AUDIO_TOKEN * (audio_chunks[k][1] - audio_chunks[k][0]))
-    return "".join(parts + [AUDIO_EOS, VISION_EOS])
+    runs = interleave_by_chunk(video_times, np.arange(int(num_audio_tokens)),
+                               int(position_id_per_seconds * seconds_per_chunk))
+    body = [(OMNI_VIDEO if kind == "video" else AUDIO_TOKEN) * (end - start) for kind, start, end in runs]
+    return "".join([VISION_BOS, AUDIO_BOS, *body, AUDIO_EOS, VISION_EOS])
 
 
 def qwen2_5_omni_prompt(question: str, condition: str, *, num_audio_tokens: int = 0, grid_thw=None,

@@ -24,7 +24,6 @@ from ml_collections import config_flags
 
 from distill_jax import main as main_lib
 from distill_jax import multihost
-from distill_jax.stages.common import Study
 
 FLAGS = flags.FLAGS
 
@@ -84,9 +83,7 @@ def reuse(config, workdir, sources) -> dict[int, list[str]]:
         target = main_lib.seed_dir(workdir, seed)
         recorded = main_lib.recorded_stage_configs(target)
         done = copied.setdefault(int(seed), [])
-        stages = [s for s in main_lib.STAGE_CONFIG if s in config.stages]
-        if {"warm_start", "evaluate"} & set(config.stages) and Study(one, target, None).audio_visual:
-            stages.append("audio_visual")  # its own chain: it depends on neither switch, label nor distill
+        stages = main_lib.recorded_stages(one, config.stages)  # the audio-visual entry is a chain of its own
         chain_reused = True  # the chain's stages are reused up to the first that is not
         for stage in stages:
             if not chain_reused and stage != "audio_visual":

@@ -103,6 +103,10 @@ def _qwen2_5_omni_key_map(config: qwen2_5_omni.Qwen2_5OmniConfig, prefix: str = 
                        ("audio_tower.", "model.audio_tower."), ("visual.", "model.visual.")))
 
 
+def _omni_config(d, dtype) -> qwen2_5_omni.Qwen2_5OmniConfig:
+    return qwen2_5_omni.Qwen2_5OmniConfig.from_hf(d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2": Family(
         config_from_hf=lambda d, dtype: qwen2.Qwen2Config.from_hf(
@@ -123,15 +127,13 @@ FAMILIES: dict[str, Family] = {
         key_map=_qwen2_vl_key_map,
     ),
     "qwen2_5_omni_thinker": Family(
-        config_from_hf=lambda d, dtype: qwen2_5_omni.Qwen2_5OmniConfig.from_hf(
-            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        config_from_hf=_omni_config,
         model_cls=qwen2_5_omni.Qwen2_5OmniThinker,
         key_map=_qwen2_5_omni_key_map,
     ),
     # The full Qwen/Qwen2.5-Omni-7B checkpoint: its thinker is loaded, the speech decoder skipped.
     "qwen2_5_omni": Family(
-        config_from_hf=lambda d, dtype: qwen2_5_omni.Qwen2_5OmniConfig.from_hf(
-            d, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name),
+        config_from_hf=_omni_config,  # reads the thinker_config
         model_cls=qwen2_5_omni.Qwen2_5OmniThinker,
         key_map=lambda config: _qwen2_5_omni_key_map(config, prefix="thinker."),
     ),

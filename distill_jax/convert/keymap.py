@@ -187,11 +187,16 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
             continue
         plan.append((path, var, key, fn))
     skipped: dict[str, int] = {}
+    unexpected = []
     for k in ckpt.keys():
-        if k not in used and (what := key_map.skipped(k)) is not None:
+        if k in used:
+            continue
+        what = key_map.skipped(k)
+        if what is not None:
             skipped[what] = skipped.get(what, 0) + 1
-    unexpected = sorted(k for k in ckpt.keys() if k not in used and not key_map.ignored(k)
-                        and key_map.skipped(k) is None)
+        elif not key_map.ignored(k):
+            unexpected.append(k)
+    unexpected.sort()
     raise_on_mismatch("checkpoint does not match the model", missing, unexpected, mismatched)
 
     specs = sharding_lib.param_partition_specs(state, mesh) if mesh is not None else None

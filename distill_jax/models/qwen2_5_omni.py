@@ -28,15 +28,16 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.audio import num_audio_tokens
-from distill_jax.prompts import chunk_bounds
+from distill_jax.prompts import interleave_by_chunk
 from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Conv1d, Embed, Linear
 from distill_jax.layers.norms import LayerNorm, RMSNorm
 from distill_jax.layers.rope import apply_rope, rope_cos_sin
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, init_cache
 from distill_jax.models.qwen2_audio import (Qwen2AudioEncoderConfig, Qwen2AudioEncoderLayer, check_audio_tokens,
-                                            feature_lengths, merge_audio_embeddings)
-from distill_jax.models.qwen2_vl import PatchEmbed, PatchMerger, as_grids, merge_vision_embeddings, patch_angles
+                                            feature_lengths, is_concrete, merge_audio_embeddings)
+from distill_jax.models.qwen2_vl import (PatchEmbed, PatchMerger, as_grids, frame_segments, merge_vision_embeddings,
+                                         patch_angles, segment_layout)
 from distill_jax.sharding import constrain
 
 Grid = tuple[int, int, int]
@@ -51,9 +52,6 @@ _VISION_DEFAULTS = dict(depth=32, hidden_size=3584, hidden_act="silu", intermedi
 _TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
                       max_position_embeddings=32768)
-_TOKEN_DEFAULTS = dict(audio_token_id=151646, image_token_id=151655, video_token_id=151656,
-                       audio_start_token_id=151647, audio_end_token_id=151648, vision_start_token_id=151652,
-                       vision_end_token_id=151653)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +182,7 @@ class Qwen2_5OmniConfig:
         names = {"audio_token_id": "audio_token_index", "image_token_id": "image_token_index",
                  "video_token_id": "video_token_index"}
         ids = {}
-        for key in _TOKEN_DEFAULTS:
+        for key in (f.name for f in dataclasses.fields(cls) if f.name.endswith("token_id")):
             value = hf.get(key, hf.get(names.get(key, key)))
             if value is not None:
                 ids[key] = int(value)
@@ -300,13 +298,8 @@ def rope_index(input_ids, attention_mask, config: Qwen2_5OmniConfig, *, image_gr
                     else:
                         audio_length = int(num_audio_tokens(next(audios)))
                         audio = np.broadcast_to(np.arange(audio_length) + start, (3, audio_length))
-                        video_chunks = chunk_bounds(video[0] - start, per_chunk)
-                        audio_chunks = chunk_bounds(audio[0] - start, per_chunk)
-                        for k in range(max(len(video_chunks), len(audio_chunks))):
-                            if k < len(video_chunks):
-                                pieces.append(video[:, slice(*video_chunks[k])])
-                            if k < len(audio_chunks):
-                                pieces.append(audio[:, slice(*audio_chunks[k])])
+                        for stream, a, b in interleave_by_chunk(video[0] - start, audio[0] - start, per_chunk):
+                            pieces.append((video if stream == "video" else audio)[:, a:b])
                         length += audio_length
             except StopIteration:
                 raise ValueError(f"row {row} has more media runs than grids / audio clips were given") from None
@@ -390,24 +383,6 @@ class OmniAudioEncoder(nnx.Module):
 # Vision tower
 
 
-def segment_layout(segment_ids: np.ndarray):
-    """Gather the tokens of each segment (in order) into a padded [S, L] layout.
-
-    Returns (gather [S, L], valid [S, L], scatter [N]): `x[gather]` is the padded layout,
-    `padded.reshape(S * L, ...)[scatter]` takes it back to token order.
-    """
-    order = np.argsort(segment_ids, kind="stable")
-    ids, starts, counts = np.unique(segment_ids[order], return_index=True, return_counts=True)
-    longest = int(counts.max()) if len(counts) else 0
-    offsets = np.arange(longest)[None, :]
-    valid = offsets < counts[:, None]
-    gather = np.where(valid, order[np.minimum(starts[:, None] + offsets, len(order) - 1)], 0)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order)) - np.repeat(starts, counts)
-    segment = np.searchsorted(ids, segment_ids)
-    return gather, valid, segment * longest + rank
-
-
 def window_segments(grids: Sequence[Grid], merge: int, window: int) -> np.ndarray:
     """Per patch (packed, merge-block-major order) the id of its attention window: windows of
     `window` x `window` merged patches within one temporal patch of one item (= HF's window index)."""
@@ -422,12 +397,6 @@ def window_segments(grids: Sequence[Grid], merge: int, window: int) -> np.ndarra
         ids.append(np.concatenate([per_frame + base + f * windows for f in range(t)]))
         base += t * windows
     return np.concatenate(ids) if ids else np.zeros((0,), np.int64)
-
-
-def frame_segments(grids: Sequence[Grid]) -> np.ndarray:
-    """Per patch the index of its temporal patch over all items (full-attention segments)."""
-    sizes = [h * w for t, h, w in grids for _ in range(t)]
-    return np.repeat(np.arange(len(sizes)), sizes)
 
 
 class SegmentLayout:
@@ -519,10 +488,6 @@ class OmniVisionEncoder(nnx.Module):
 # The thinker
 
 
-def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
-
-
 class Qwen2_5OmniThinker(nnx.Module):
     """`model(input_ids=, attention_mask=, input_features=, feature_attention_mask=, pixel_values_videos=,
     video_grid_thw=, video_second_per_grid=, use_audio_in_video=True) -> logits [B, T, V]`
@@ -568,7 +533,7 @@ class Qwen2_5OmniThinker(nnx.Module):
         if input_features is not None:
             if feature_attention_mask is None:
                 raise ValueError("input_features need a feature_attention_mask (which frames are real)")
-            if _concrete(input_ids, feature_attention_mask):
+            if is_concrete(input_ids, feature_attention_mask):
                 real = np.asarray(feature_attention_mask).astype(bool)
                 if np.any(real[:, 1:] & ~real[:, :-1]):
                     raise ValueError("feature_attention_mask must mark each clip's real frames first "
@@ -581,24 +546,16 @@ class Qwen2_5OmniThinker(nnx.Module):
                                        ((pixel_values, image_grid_thw, cfg.image_token_id),
                                         (pixel_values_videos, video_grid_thw, cfg.video_token_id)))
 
-    def _embeds_and_positions(self, input_ids, attention_mask, input_features, feature_attention_mask,
-                              pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                              video_second_per_grid, use_audio_in_video, position_ids):
-        embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw)  # checks the token counts first
-        if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
-            if not _concrete(input_ids, attention_mask, feature_attention_mask):
-                raise ValueError("under jit, pass position_ids (see prepare_inputs)")
-            position_ids = self.positions(input_ids, attention_mask, feature_attention_mask, image_grid_thw,
-                                          video_grid_thw, video_second_per_grid, use_audio_in_video)[0]
-        return embeds, position_ids
-
     def hidden_states(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None,
                       pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
                       video_second_per_grid=None, use_audio_in_video=False, position_ids=None):
-        embeds, position_ids = self._embeds_and_positions(
-            input_ids, attention_mask, input_features, feature_attention_mask, pixel_values, image_grid_thw,
-            pixel_values_videos, video_grid_thw, video_second_per_grid, use_audio_in_video, position_ids)
+        embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
+                                   pixel_values_videos, video_grid_thw)  # checks the token counts first
+        if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
+            if not is_concrete(input_ids, attention_mask, feature_attention_mask):
+                raise ValueError("under jit, pass position_ids (see prepare_inputs)")
+            position_ids = self.positions(input_ids, attention_mask, feature_attention_mask, image_grid_thw,
+                                          video_grid_thw, video_second_per_grid, use_audio_in_video)[0]
         return self.language_model.hidden_states(attention_mask=attention_mask, position_ids=position_ids,
                                                  inputs_embeds=embeds)
 

@@ -217,7 +217,8 @@ class Qwen2AudioMultiModalProjector(nnx.Module):
         return self.linear(x)
 
 
-def _is_concrete(*xs) -> bool:
+def is_concrete(*xs) -> bool:
+    """No argument is a tracer: values can be checked on the host (outside jit)."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
@@ -263,7 +264,7 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
             return embeds
         if feature_attention_mask is None:
             raise ValueError("input_features need a feature_attention_mask (which frames are real)")
-        if _is_concrete(input_ids, feature_attention_mask):
+        if is_concrete(input_ids, feature_attention_mask):
             check_audio_tokens(input_ids, feature_attention_mask, self.config.audio_token_index)
         audio = self.multi_modal_projector(self.audio_tower(input_features, feature_attention_mask))
         _, lengths = feature_lengths(feature_attention_mask)

@@ -157,30 +157,46 @@ def as_grids(grid_thw) -> tuple[Grid, ...]:
     return tuple(tuple(int(v) for v in row) for row in np.asarray(grid_thw).reshape(-1, 3))
 
 
+def segment_layout(segment_ids: np.ndarray):
+    """Gather the tokens of each segment (in token order) into a padded [S, L] layout.
+
+    Returns (gather [S, L], valid [S, L], scatter [N]): `x[gather]` is the padded layout,
+    `padded.reshape(S * L, ...)[scatter]` takes it back to token order.
+    """
+    order = np.argsort(segment_ids, kind="stable")
+    ids, starts, counts = np.unique(segment_ids[order], return_index=True, return_counts=True)
+    longest = int(counts.max()) if len(counts) else 0
+    offsets = np.arange(longest)[None, :]
+    valid = offsets < counts[:, None]
+    gather = np.where(valid, order[np.minimum(starts[:, None] + offsets, len(order) - 1)], 0)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - np.repeat(starts, counts)
+    segment = np.searchsorted(ids, segment_ids)
+    return gather, valid, segment * longest + rank
+
+
+def frame_segments(grids: Sequence[Grid]) -> np.ndarray:
+    """Per patch the index of its temporal patch over all items (the per-frame attention segments)."""
+    sizes = [h * w for t, h, w in grids for _ in range(t)]
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
 def vision_layout(grids: Sequence[Grid], merge: int):
     """Host-side layout of a packed patch sequence: per-patch (row, col) positions, segment gathers.
 
     Returns (positions [N, 2], gather [S, L], valid [S, L], scatter [N]): `gather` takes the
     patches of each segment (one temporal patch of one item) into a padded [S, L] layout,
-    `scatter` takes them back. Patch order within a frame is merge-block-major (= HF's).
+    `scatter` takes them back (`segment_layout`). Patch order within a frame is merge-block-major (= HF's).
     """
-    positions, seg_lengths = [], []
+    positions = []
     for t, h, w in grids:
         if h % merge or w % merge:
             raise ValueError(f"grid {(t, h, w)} is not a multiple of spatial_merge_size={merge}")
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         order = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
         positions.append(np.tile(np.stack([order(rows), order(cols)], axis=-1), (t, 1)))
-        seg_lengths += [h * w] * t
     positions = np.concatenate(positions) if positions else np.zeros((0, 2), np.int64)
-    longest = max(seg_lengths) if seg_lengths else 0
-    starts = np.concatenate([[0], np.cumsum(seg_lengths)[:-1]]).astype(np.int64)
-    offsets = np.arange(longest)[None, :]
-    valid = offsets < np.asarray(seg_lengths)[:, None]
-    gather = np.where(valid, starts[:, None] + offsets, 0)
-    scatter = np.concatenate([s * longest + np.arange(n) for s, n in enumerate(seg_lengths)]) \
-        if seg_lengths else np.zeros((0,), np.int64)
-    return positions, gather, valid, scatter
+    return (positions, *segment_layout(frame_segments(grids)))
 
 
 def mrope_positions(input_ids, attention_mask, image_grids: Sequence[Grid], video_grids: Sequence[Grid],

@@ -95,54 +95,48 @@ def _confusions(pairs: list[tuple[str, str]]) -> list[dict]:
     return [{"true": t, "chosen": c, "count": n} for (t, c), n in ranked]
 
 
-def _split_records(study, split: str) -> dict[tuple[str, str], dict[str, dict]]:
-    from distill_jax.stages.evaluate import read_records
+def build(studies: list, records: list[dict]) -> dict | None:
+    """results.json's `analysis` ({} parts where a side is missing); None without the split's records.
 
-    out = {}
-    for name in MODEL_OF_CONDITION.values():
-        path = study.records_path(name, split)
-        if path.exists():
-            out[(name, split)] = {r["clip_id"]: r for r in read_records(path)}
-    return out
+    `records`: each seed's report records ((name, split) -> {clip id: record}); the models the
+    report does not list (with the audio-visual teacher, the visual model) are read here.
+    """
+    from distill_jax.stages.evaluate import accuracy, read_records
 
-
-def build(studies: list) -> dict | None:
-    """results.json's `analysis` ({} parts where a side is missing); None without the split's records."""
     first = studies[0]
     split = first.config.switch.split
-    models, people, unknown, sources = {}, [], 0, []
-    for study in studies:
-        scored = _split_records(study, split)
-        if ("audio", split) not in scored:
+    models, scored_by_condition, human_rows, unknown, sources = {}, {}, [], 0, []
+    for study, seed_records in zip(studies, records):
+        scored = {}
+        for name in MODEL_OF_CONDITION.values():
+            path = study.records_path(name, split)
+            if (name, split) in seed_records:
+                scored[name] = seed_records[(name, split)]
+            elif path.exists():
+                scored[name] = {r["clip_id"]: r for r in read_records(path)}
+        if "audio" not in scored:
             return None  # the evaluate stage has not run
-        ensure_simulated(study, scored[("audio", split)])
-        truth = {c: study.classes[r["label"]] for c, r in scored[("audio", split)].items()}
+        ensure_simulated(study, scored["audio"])
+        truth = {c: study.classes[r["label"]] for c, r in scored["audio"].items()}
         path = responses_path(study)
         if path is not None and path.exists():
-            local = multihost.local_file(path) if multihost.is_remote(path) else str(path)
-            responses = humans_lib.read_responses(local, truth, study.classes)
-            people.append(responses)
+            responses = humans_lib.read_responses(multihost.local_file(path), truth, study.classes)
+            human_rows += [dict(r, clip_id=f"{study.config.seed}/{r['clip_id']}") for r in responses.rows]
             unknown += responses.num_unknown
             # as the config names it, or the simulated file relative to the run (results.json is the same anywhere)
             sources.append(study.config.data.get("humans") or str(path.relative_to(study.run_dir)))
         maker = study.question_maker()
         for condition, name in MODEL_OF_CONDITION.items():
-            for clip_id, r in (scored.get((name, split)) or {}).items():
+            for clip_id, r in (scored.get(name) or {}).items():
                 truth = study.classes[r["label"]]  # the model's letter, as a class of the clip's own options
+                scored_by_condition.setdefault(condition, []).append(r)
                 models.setdefault(condition, []).append(
                     {"clip_id": f"{study.config.seed}/{clip_id}", "truth": truth,
-                     "chosen": maker(clip_id, truth).options[r["predicted"]], "correct": r["predicted"] == r["answer"]})
-    human_rows = [dict(r, clip_id=f"{s.config.seed}/{r['clip_id']}") for s, h in zip(studies, people) for r in h.rows]
+                     "chosen": maker(clip_id, truth).options[r["predicted"]]})
     pooled = humans_lib.HumanResponses(";".join(sources), human_rows, {})
     human_accuracy = humans_lib.accuracy_by_condition(pooled)
-    model_accuracy = {}
-    for condition, rows in models.items():
-        per_class = {}
-        for name in sorted({r["truth"] for r in rows}):
-            hits = [r["correct"] for r in rows if r["truth"] == name]
-            per_class[name] = {"accuracy": float(np.mean(hits)), "total": len(hits)}
-        model_accuracy[condition] = {"model": MODEL_OF_CONDITION[condition],
-                                     "overall": float(np.mean([r["correct"] for r in rows])), "per_class": per_class}
+    model_accuracy = {condition: {"model": MODEL_OF_CONDITION[condition], **accuracy(clips, first.classes)}
+                      for condition, clips in scored_by_condition.items()}
     gaps = []
     for name in first.classes:
         try:
@@ -157,10 +151,7 @@ def build(studies: list) -> dict | None:
     x, y = np.asarray([g["model_gap"] for g in gaps]), np.asarray([g["human_gap"] for g in gaps])
     kappa = {}
     for condition, rows in models.items():
-        majority = {}
-        for study, h in zip(studies, people):
-            majority.update({f"{study.config.seed}/{c}": v
-                             for c, v in humans_lib.majority_answers(h, condition).items()})
+        majority = humans_lib.majority_answers(pooled, condition)  # clip ids carry their seed
         both = [r for r in rows if r["clip_id"] in majority]
         if both:
             kappa[condition] = {"model": MODEL_OF_CONDITION[condition], "clips": len(both),

@@ -53,6 +53,12 @@ def audio_visual_name(condition: str) -> str:
     return f"{AUDIO_VISUAL}_{condition}"
 
 
+def has_audio_visual(config) -> bool:
+    """Whether a run has an audio-visual model: a checkpoint, or the toy world's warm start of one."""
+    cfg = config.models.get(AUDIO_VISUAL)
+    return bool(cfg and (cfg.path or (config.toy and config.warm_start.get(AUDIO_VISUAL))))
+
+
 def checkpoint_of(name: str) -> str:
     """The model (config.models key) behind a records name: "audio", "visual" or "audio_visual"."""
     return AUDIO_VISUAL if name.startswith(AUDIO_VISUAL) else name
@@ -92,9 +98,7 @@ class Study:
 
     @property
     def audio_visual(self) -> bool:
-        """Whether the run has an audio-visual model: a checkpoint, or the toy world's warm start of one."""
-        cfg = self.config.models.get(AUDIO_VISUAL)
-        return bool(cfg and (cfg.path or (self.config.toy and self.config.warm_start.get(AUDIO_VISUAL))))
+        return has_audio_visual(self.config)
 
     @property
     def student(self) -> str:

@@ -259,7 +259,7 @@ def build(studies: list) -> dict:
                "design": design(first), "per_seed": seed_results}
     from distill_jax.stages import analysis
 
-    results["analysis"] = analysis.build(studies)
+    results["analysis"] = analysis.build(studies, records)
     if results["analysis"] is not None:  # the unseen classes: the original and distilled students there
         unseen = {label: per["unseen"] for label, per in results["accuracy"].items()
                   if "unseen" in per and (label == ORIGINAL or label.startswith("student distilled"))}

@@ -30,10 +30,10 @@ from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGene
 from distill_jax.models.qwen2_5_omni import (OmniAudioEncoderConfig, OmniVisionConfig, Qwen2_5OmniConfig,
                                              Qwen2_5OmniThinker)
 from distill_jax.stages.common import AUDIO_VISUAL, MODALITIES, audio_visual_name
-
-WARM_STARTED = (*MODALITIES, AUDIO_VISUAL)  # the audio-visual model only with config.warm_start.audio_visual
 from distill_jax.train import loop
 from distill_jax.train.step import distill_objective
+
+WARM_STARTED = (*MODALITIES, AUDIO_VISUAL)  # the audio-visual model only with config.warm_start.audio_visual
 
 
 def _text_config(sizes, tokenizer, **extra) -> Qwen2Config:
@@ -45,12 +45,16 @@ def _text_config(sizes, tokenizer, **extra) -> Qwen2Config:
                        pad_token_id=tokenizer.pad_token_id, **extra)
 
 
+def _mrope_section(sizes) -> tuple[int, int, int]:
+    """The rotary half-dimension of a toy M-RoPE model split over (t, h, w), about 2 : 3 : 3."""
+    half = sizes.hidden_size // sizes.num_heads // 2
+    return half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8
+
+
 def toy_omni_config(sizes, tokenizer) -> Qwen2_5OmniConfig:
     """A tiny Qwen2.5-Omni thinker for `tokenizer` (one with the Omni tokens): 2 s audio windows
     and 112-pixel vision windows as the real model's, full attention in the last vision block."""
     ids = tokenizer.convert_tokens_to_ids
-    head_half = sizes.hidden_size // sizes.num_heads // 2
-    section = (head_half - 2 * (head_half * 3 // 8), head_half * 3 // 8, head_half * 3 // 8)
     return Qwen2_5OmniConfig(
         audio=OmniAudioEncoderConfig(num_mel_bins=128, encoder_layers=sizes.tower_layers,
                                      encoder_attention_heads=sizes.tower_heads, encoder_ffn_dim=2 * sizes.tower_dim,
@@ -58,7 +62,8 @@ def toy_omni_config(sizes, tokenizer) -> Qwen2_5OmniConfig:
         vision=OmniVisionConfig(depth=sizes.tower_layers, hidden_size=sizes.tower_dim,
                                 intermediate_size=2 * sizes.tower_dim, num_heads=sizes.tower_heads,
                                 out_hidden_size=sizes.hidden_size, fullatt_block_indexes=(sizes.tower_layers - 1,)),
-        text=_text_config(sizes, tokenizer, mrope_section=section), audio_token_id=ids(prompts.AUDIO_TOKEN),
+        text=_text_config(sizes, tokenizer, mrope_section=_mrope_section(sizes)),
+        audio_token_id=ids(prompts.AUDIO_TOKEN),
         image_token_id=ids(prompts.OMNI_IMAGE), video_token_id=ids(prompts.OMNI_VIDEO),
         audio_start_token_id=ids(prompts.AUDIO_BOS), audio_end_token_id=ids(prompts.AUDIO_EOS),
         vision_start_token_id=ids(prompts.VISION_BOS), vision_end_token_id=ids(prompts.VISION_EOS))
@@ -93,12 +98,10 @@ def toy_model(modality: str, sizes, tokenizer, *, max_seconds: float, seed: int)
                                           max_source_positions=int(np.ceil(max_seconds * 100 / 2))),
             text=_text_config(sizes, tokenizer), audio_token_index=ids(prompts.AUDIO_TOKEN))
         return Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(seed))
-    quarter = sizes.hidden_size // sizes.num_heads // 2  # rotary half-dim, split over (t, h, w)
-    section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
     config = Qwen2VLConfig(
         vision=Qwen2VLVisionConfig(depth=sizes.tower_layers, embed_dim=sizes.tower_dim,
                                    hidden_size=sizes.hidden_size, mlp_ratio=2, num_heads=sizes.tower_heads),
-        text=_text_config(sizes, tokenizer, mrope_section=section),
+        text=_text_config(sizes, tokenizer, mrope_section=_mrope_section(sizes)),
         image_token_id=ids(prompts.IMAGE_TOKEN), video_token_id=ids(prompts.VIDEO_TOKEN),
         vision_start_token_id=ids(prompts.VISION_START), vision_end_token_id=ids(prompts.VISION_END))
     return Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))

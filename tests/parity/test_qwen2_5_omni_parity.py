@@ -12,19 +12,15 @@ from conftest import OMNI_TOKENS as T
 from data_pipelines.audio import num_audio_tokens
 from distill_jax.convert import CheckpointMismatchError, load_hf, save_hf
 from distill_jax.decoding import generate
+from distill_jax.prompts import left_pad
 
 PATCH_DIM = 3 * 2 * 14 * 14
 SECONDS_PER_CHUNK, POSITIONS_PER_SECOND = 2, 25
 
 
 def _left_pad(rows):
-    length = max(map(len, rows))
-    ids = np.zeros((len(rows), length), np.int64)
-    mask = np.zeros((len(rows), length), np.int64)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = 1
-    return ids, mask
+    """prompts.left_pad's ids and mask, as the int64 torch takes for input_ids."""
+    return tuple(a.astype(np.int64) for a in left_pad(rows, pad_id=0))
 
 
 def _sounded_run(grid, second_per_grid, frames):
