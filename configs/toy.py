@@ -86,6 +86,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Human answers to the same questions (data_pipelines/humans.py: clip_id, condition, participant,
     # answer, options); None: the toy world's simulated participants (labelled simulated in the report).
     c.data.humans = config_dict.placeholder(str)
+    # The "unseen" split: clips of classes the study never distils on, from their own manifest (AudioSet's
+    # evaluation segments through data_pipelines/audioset.py, split "eval"; None: the toy world's unseen
+    # classes, converted the same way, or no unseen split at paper scale). Its classes must have no clip in
+    # label.split or switch.split. Questions about its clips draw their options from `distractors`:
+    # "unseen" (the unseen manifest's classes only) or "all" (the run's classes, then the unseen ones; the
+    # toy: its fixed 20-class question, which the warm-started models learned with every class in it).
+    c.data.unseen = ml_collections.ConfigDict(dict(manifest=config_dict.placeholder(str), split="eval",
+                                                   distractors="all"))
     c.data.on_error = "raise"
     c.data.max_error_fraction = 0.01
     c.data.worker_count = 0

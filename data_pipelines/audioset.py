@@ -14,6 +14,20 @@ kept class; segments with several kept classes are skipped and reported ("severa
 classes"); segments with none are not part of the set (only counted). Clip files are
 `--video-dir/--name-format`, by default "{ytid}_{start:06d}.mp4" (start in whole seconds).
 The split is named "eval".
+
+Unseen classes, and the questions about them. The study reads this manifest as its "unseen"
+split (`configs/paper.py:unseen_manifest=`, `config.data.unseen`): AudioSet classes that VGGSound
+lacks, on which the distilled student is checked (the paper: 60.0 -> 72.3 %). A class counts as
+unseen when no clip of it is in the splits the study distils on (the run manifest's label and
+switch splits, by their `class_counts`); the keep list is the researcher's mapping, and a kept
+class that has clips there stops the run at the prepare stage, naming the classes. Because
+AudioSet names a class differently from VGGSound ("Bark" vs "dog barking"), a class whose
+AudioSet name differs but whose sound VGGSound has is not caught by that check: leave such
+classes out of the keep list, or give them their VGGSound name (the TAB column), which then is
+caught. Each clip's question is its true class plus distractors drawn by the run's question
+strategy from `config.data.unseen.distractors`: "unseen" (the paper config: the other kept
+classes, so keep at least `num_options` of them) or "all" (the run's classes followed by the
+kept ones, as the toy world asks its fixed 20-class question).
 """
 from __future__ import annotations
 

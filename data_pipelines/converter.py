@@ -7,7 +7,8 @@ shard. Each finished shard gets a sidecar `<shard>.json` (its planned clip ids, 
 options, what was written, what was skipped and why, and which clips are silent), written
 after the shard itself, so a rerun skips every shard that has one; a rerun with other decode
 options is refused, naming them. The manifest `{name}.manifest.json` holds the class list,
-per-split files and counts, the report of every skipped clip and the list of silent ones;
+per-split files and counts (clips, skipped, silent, and clips per class: `class_counts`, which the
+study reads to tell the classes it distils on from unseen ones), the report of every skipped clip and the list of silent ones;
 `print_report` prints it as a table.
 
 Decoding always runs in worker processes, so a decoder that crashes (a segfault, a killed
@@ -285,18 +286,21 @@ def convert(plan: Mapping[str, Sequence[ClipRow]], out_dir, *, name: str, classe
     manifest = {"version": MANIFEST_VERSION, "name": name, "classes": classes, "splits": {}, "skipped": [], "silent": [],
                 "decode_options": dataclasses.asdict(options), "clips_per_shard": clips_per_shard,
                 **dict(extra or {})}
-    for split, path, _ in shards:
+    for split, path, chunk in shards:
         entry = manifest["splits"].setdefault(split, {"files": [], "num_examples": 0, "num_skipped": 0,
-                                                      "num_silent": 0})
+                                                      "num_silent": 0, "class_counts": {}})
         entry["files"].append(os.path.basename(path))
         entry["num_examples"] += len(results[path]["written"])
+        label_of = {r.clip_id: r.label for r in chunk}
+        for clip_id in results[path]["written"]:
+            entry["class_counts"][label_of[clip_id]] = entry["class_counts"].get(label_of[clip_id], 0) + 1
         entry["num_skipped"] += len(results[path]["skipped"])
         entry["num_silent"] += len(results[path]["silent"])
         manifest["skipped"].extend(results[path]["skipped"])
         manifest["silent"].extend({"clip_id": c, "split": split} for c in results[path]["silent"])
     for row in skipped:
         entry = manifest["splits"].setdefault(row["split"], {"files": [], "num_examples": 0, "num_skipped": 0,
-                                                             "num_silent": 0})
+                                                             "num_silent": 0, "class_counts": {}})
         entry["num_skipped"] += 1
         manifest["skipped"].append(dict(row))
     _write_json(os.path.join(out_dir, f"{name}.manifest.json"), manifest)

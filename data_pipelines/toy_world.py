@@ -1,7 +1,8 @@
 """The toy world: a procedural audio-visual dataset whose per-class modality strengths are set
-by construction, written as real mp4 files + a VGGSound-format CSV.
+by construction, written as real mp4 files + a VGGSound-format CSV (the seen classes' splits) and
+AudioSet-format evaluation files (the unseen classes' clips).
 
-    python -m data_pipelines.toy_world --out DIR            # mp4s + CSV, then TFRecords in DIR/tfrecords
+    python -m data_pipelines.toy_world --out DIR            # mp4s + CSVs, then TFRecords in DIR/tfrecords
     python -m data_pipelines.toy_world --out DIR --no-convert
 
 It is shaped like the paper's analysis set: the visual model is clearly stronger overall
@@ -70,6 +71,12 @@ warm-start the toy models, which should know every class, as the pretrained LLMs
 set) and test 40 for the 16 seen classes, and unseen 40 for each unseen class: 40 clips a class
 resolve a 3-point difference over the 640 test clips. Everything is seeded per clip: the same
 arguments give the same files.
+
+The unseen clips take the path a real run's AudioSet clips take (`data_pipelines.audioset`):
+`audioset/eval_segments.csv` names them by made-up MIDs ("/t/toy16", ...), `audioset/ontology.json`
+maps every class's MID to its name and `audioset/keep.tsv` keeps the four unseen ones; they are
+converted into their own manifest, `toy_world_unseen.manifest.json` (split "eval"), which the
+study reads as its "unseen" split (`config.data.unseen`).
 """
 from __future__ import annotations
 
@@ -510,8 +517,34 @@ def design_table(classes: Sequence[ToyClass] = CLASSES) -> list[dict]:
     return rows
 
 
+def mid(class_index: int) -> str:
+    """The made-up AudioSet MID of a toy class in the toy world's AudioSet-format files."""
+    return f"/t/toy{class_index:02d}"
+
+
+def write_audioset_files(out_dir, plan, config: WorldConfig) -> str:
+    """The unseen clips of `plan` as AudioSet evaluation files in `out_dir`: eval_segments.csv (header
+    comments, then YTID, start, end, quoted MIDs), ontology.json (every class) and keep.tsv (the
+    unseen classes' MIDs). Returns the CSV path."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "eval_segments.csv")
+    with open(csv_path, "w", encoding="utf-8") as f:
+        f.write("# Segments csv created by data_pipelines.toy_world: the toy world's unseen classes\n")
+        f.write("# YTID, start_seconds, end_seconds, positive_labels\n")
+        for ytid, split, c, _ in plan:
+            if split == UNSEEN_SPLIT:
+                f.write(f'{ytid}, 0.000, {config.seconds:.3f}, "{mid(c)}"\n')
+    with open(os.path.join(out_dir, "ontology.json"), "w", encoding="utf-8") as f:
+        json.dump([{"id": mid(i), "name": c.name} for i, c in enumerate(CLASSES)], f, indent=1)
+    with open(os.path.join(out_dir, "keep.tsv"), "w", encoding="utf-8") as f:
+        f.writelines(f"{mid(i)}\n" for i, c in enumerate(CLASSES) if c.unseen)
+    return csv_path
+
+
 def generate(out_dir, config: WorldConfig = WorldConfig(), *, workers: int | None = None) -> str:
-    """Writes `out_dir/videos/*.mp4`, `out_dir/toy_world.csv` and `out_dir/design.json`; returns the CSV path.
+    """Writes `out_dir/videos/*.mp4`, `out_dir/toy_world.csv` (every split but "unseen"),
+    `out_dir/audioset/` (the unseen clips, `write_audioset_files`) and `out_dir/design.json`;
+    returns the CSV path.
 
     Existing mp4 files are kept (a rerun finishes an interrupted one).
     """
@@ -535,7 +568,9 @@ def generate(out_dir, config: WorldConfig = WorldConfig(), *, workers: int | Non
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         for ytid, split, c, _ in plan:
-            writer.writerow([ytid, 0, CLASSES[c].name, split])
+            if split != UNSEEN_SPLIT:
+                writer.writerow([ytid, 0, CLASSES[c].name, split])
+    write_audioset_files(os.path.join(out_dir, "audioset"), plan, config)
     with open(os.path.join(out_dir, "design.json"), "w", encoding="utf-8") as f:
         hard_pairs = {"ratio": HARD_RATIO, "spread": HARD_SPREAD,
                       "pair_bayes_accuracy": pair_bayes_accuracy(HARD_RATIO, HARD_SPREAD),
@@ -567,13 +602,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     csv_path = generate(args.out, config, workers=args.workers)
     print(f"wrote {len(clip_plan(config))} clips and {csv_path}")
     if not args.no_convert:
-        from data_pipelines import vggsound
+        from data_pipelines import audioset, vggsound
 
-        vggsound.main(["--csv", csv_path, "--video-dir", os.path.join(args.out, "videos"),
-                       "--out", os.path.join(args.out, "tfrecords"), "--name", "toy_world",
-                       "--analysis-size", "0", "--fps", str(args.fps), "--max-seconds", str(config.seconds),
-                       "--max-short-side", str(config.size), "--workers", str(args.workers),
-                       "--clips-per-shard", "500"])
+        decode = ["--video-dir", os.path.join(args.out, "videos"), "--out", os.path.join(args.out, "tfrecords"),
+                  "--fps", str(args.fps), "--max-seconds", str(config.seconds), "--max-short-side", str(config.size),
+                  "--workers", str(args.workers), "--clips-per-shard", "500"]
+        vggsound.main(["--csv", csv_path, "--name", "toy_world", "--analysis-size", "0", *decode])
+        audioset_dir = os.path.join(args.out, "audioset")
+        audioset.main(["--csv", os.path.join(audioset_dir, "eval_segments.csv"),
+                       "--ontology", os.path.join(audioset_dir, "ontology.json"),
+                       "--keep", os.path.join(audioset_dir, "keep.tsv"), "--name", "toy_world_unseen", *decode])
 
 
 if __name__ == "__main__":

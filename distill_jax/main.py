@@ -80,13 +80,15 @@ def _choice(config, key, allowed, *, none_ok=False) -> str | None:
 
 
 def _known_splits(config) -> tuple[str, ...] | None:
-    """The split names a run can read: the toy world's, or the manifest's (None: not known yet)."""
+    """The split names a run can read: the toy world's, or the manifest's and "unseen" with an
+    unseen manifest (None: not known yet)."""
     if config.toy:
         from data_pipelines import toy_world
 
-        return (*toy_world.SEEN_SPLITS, toy_world.UNSEEN_SPLIT)
+        return (*toy_world.SEEN_SPLITS, common.UNSEEN)
     if config.data.manifest and multihost.path(config.data.manifest).exists():
-        return tuple(multihost.read_json(config.data.manifest)["splits"])
+        unseen = (common.UNSEEN,) if config.data.unseen.manifest else ()
+        return (*multihost.read_json(config.data.manifest)["splits"], *unseen)
     return None
 
 
@@ -135,7 +137,8 @@ def check_config(config, stages) -> None:
                _number(config, "data.question_seed", kind=int, low=0),
                _choice(config, "data.on_error", ("raise", "skip")),
                _number(config, "data.max_error_fraction", low=0, high=1),
-               _number(config, "data.worker_count", kind=int, low=0)]
+               _number(config, "data.worker_count", kind=int, low=0),
+               _choice(config, "data.unseen.distractors", ("unseen", "all"))]
     if config.data.question_strategy != "fixed":
         errors.append(_number(config, "data.num_options", kind=int, low=2, high=26))
     buckets = tuple(config.data.prompt_buckets)
@@ -224,6 +227,9 @@ def check_config(config, stages) -> None:
             errors.append(f"config.data.humans={config.data.humans!r} does not exist")
         if not config.data.manifest or not multihost.path(config.data.manifest).exists():
             errors.append(f"config.data.manifest={config.data.manifest!r} does not exist")
+        if config.data.unseen.manifest and not multihost.path(config.data.unseen.manifest).exists():
+            errors.append(f"config.data.unseen.manifest={config.data.unseen.manifest!r} does not exist (convert "
+                          "AudioSet's evaluation segments first: python -m data_pipelines.audioset ...)")
         if not multihost.path(config.switch.backbone).is_file():
             errors.append(f"config.switch.backbone={config.switch.backbone!r} is not a file: the switch starts "
                           "from a pretrained PANN Cnn14 checkpoint (configs/paper.py: pann=...)")

@@ -52,10 +52,16 @@ def test_every_stage_writes_outputs_that_parse(tiny_run):
                                         "student distilled (always)", "student distilled (never)",
                                         "student distilled (oracle)"}
     manifest = json.load(open(os.path.join(seed, SEED_OUTPUTS[0])))
-    for split in ("test", "unseen"):
+    # The unseen classes come through the AudioSet converter, from the toy world's AudioSet-format files.
+    unseen = json.load(open(os.path.join(seed, "data", "tfrecords", "toy_world_unseen.manifest.json")))
+    assert unseen["source"]["csv"].endswith(os.path.join("audioset", "eval_segments.csv"))
+    for split, entry, classes in (("test", manifest["splits"]["test"], manifest["classes"]),
+                                  ("unseen", unseen["splits"]["eval"], unseen["classes"])):
         records = read_records(os.path.join(seed, "eval", "student_learned", f"{split}.jsonl"))
-        assert len(records) == manifest["splits"][split]["num_examples"]  # every clip once
+        assert len(records) == entry["num_examples"]  # every clip once
+        assert sorted({classes[r["label"]] for r in records}) == sorted(entry["class_counts"])
         assert all(len(r["letter_logits"]) == 20 for r in records)  # the toy's fixed 20-way questions
+    assert not set(unseen["classes"]) & set(manifest["splits"]["train"]["class_counts"])
     labels = read_records(os.path.join(seed, "labels", "always.jsonl"))
     assert len(labels) == manifest["splits"]["train"]["num_examples"] and all(r["switch_closed"] for r in labels)
     assert not any(r["switch_closed"] for r in read_records(os.path.join(seed, "labels", "never.jsonl")))
@@ -178,6 +184,8 @@ def _copy_without_distill(src, dst):
     (lambda c: setattr(c.distill, "batch_size", 12), r"config.distill.batch_size=12: expected a multiple of 8"),
     (lambda c: setattr(c, "teacher", "omni"), r"config.teacher='omni': expected one of \('audio_visual',\) or None"),
     (lambda c: setattr(c, "teacher", "audio_visual"), r"config.teacher='audio_visual' needs an audio-visual model"),
+    (lambda c: setattr(c.data.unseen, "distractors", "seen"), r"config.data.unseen.distractors='seen': expected one "
+                                                              r"of \('unseen', 'all'\)"),
     (lambda c: setattr(c.models.audio_visual, "conditions", ("audio", "sounded")),
      r"config.models.audio_visual.conditions=\('audio', 'sounded'\): expected distinct names"),
 ])
@@ -212,11 +220,52 @@ def test_paper_config_needs_its_checkpoints(tmp_path):
     config = paper.get_config(f"audio_visual={tmp_path}/no_omni,teacher=audio_visual")
     with pytest.raises(main.ConfigError, match="config.models.audio_visual.path=.*no_omni.* is not a checkpoint"):
         main.run(config, str(tmp_path / "w"))
+    config = paper.get_config(f"unseen_manifest={tmp_path}/no_audioset.json")
+    assert "unseen" in config.evaluate.splits and "unseen" in config.distill.eval_splits
+    with pytest.raises(main.ConfigError, match="config.data.unseen.manifest=.*no_audioset.json.* does not exist"):
+        main.run(config, str(tmp_path / "w"))
     with pytest.raises(ValueError, match="mesh='8'"):
         paper.get_config("mesh=8")
     runs = []
     paper.sweep(lambda **kw: runs.append(kw))
     assert {"distill.modes": ("always",)} in runs and len(runs) == 5
+
+
+def test_an_unseen_split_must_be_new_to_the_distillation_and_ask_its_own_questions(tiny_run, tmp_path):
+    """The unseen manifest's classes may not have clips in the splits distilled on; its questions
+    draw from the run's classes ("all") or the unseen ones; each error names the file and classes."""
+    from distill_jax.stages.common import Study
+
+    seed = os.path.join(tiny_run, "seed_0", "data", "tfrecords")
+    unseen = json.load(open(os.path.join(seed, "toy_world_unseen.manifest.json")))
+    config = toy.get_config("tiny=1")
+    config.data.manifest = os.path.join(seed, "toy_world.manifest.json")
+    config.data.unseen.manifest = os.path.join(seed, "toy_world_unseen.manifest.json")
+    study = Study(config, str(tmp_path / "w"), mesh=None)
+    assert study.classes_of("unseen") == unseen["classes"]
+    assert study.num_examples("unseen") == unseen["splits"]["eval"]["num_examples"] == 40
+    # "all": the fixed 20-class question the models learned, the same as on the seen splits.
+    assert study.question_maker("unseen")("clip", "owl hooting") == study.question_maker("test")("clip", "owl hooting")
+    config.data.unseen.distractors = "unseen"
+    with pytest.raises(ValueError, match=r"questions about split 'unseen' \(.*toy_world_unseen.manifest.json, "
+                                         r"config.data.unseen.distractors='unseen'\): num_options=20 but the class list "
+                                         r"has only 4 classes"):
+        study.question_maker("unseen")
+    config.data.question_strategy, config.data.num_options = "uniform", 3
+    assert set(study.question_maker("unseen")("clip", "owl hooting").options) <= set(unseen["classes"])
+
+    overlapping = json.loads(json.dumps(unseen))
+    overlapping["classes"].append("chainsaw")
+    overlapping["splits"]["eval"]["class_counts"]["chainsaw"] = 1
+    for bad, match in ((overlapping, r"bad.manifest.json: the unseen split 'eval' holds clips of 1 classes that "
+                                     r"the study distils on \(.*toy_world.manifest.json, splits \['train', "
+                                     r"'analysis'\]\): \['chainsaw'\]"),
+                       (dict(unseen, splits={"test": unseen["splits"]["eval"]}),
+                        r"bad.manifest.json: no split 'eval' \(config.data.unseen.split; the manifest has \['test'\]\)")):
+        (tmp_path / "bad.manifest.json").write_text(json.dumps(bad))
+        config.data.unseen.manifest = str(tmp_path / "bad.manifest.json")
+        with pytest.raises(ValueError, match=match):
+            Study(config, str(tmp_path / "w"), mesh=None).num_examples("unseen")
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run_with_only_finite_checkpoints(tiny_run, tmp_path, capsys):

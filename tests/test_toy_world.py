@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from data_pipelines import audioset, tfrecord, vggsound
 from data_pipelines import toy_world as tw
-from data_pipelines import tfrecord, vggsound
 
 SEEN = [i for i, c in enumerate(tw.CLASSES) if not c.unseen]
 
@@ -212,14 +212,21 @@ def test_unseen_classes_are_in_pretrain_and_unseen_only():
 TINY = tw.WorldConfig(per_class=(("pretrain", 1), ("train", 1), ("analysis", 1), ("test", 1)), unseen_per_class=1)
 
 
-def test_tiny_world_goes_through_the_vggsound_converter(tmp_path):
+def test_tiny_world_goes_through_the_vggsound_and_audioset_converters(tmp_path):
     csv_path = tw.generate(tmp_path / "world", TINY, workers=1)
     rows = vggsound.read_csv(csv_path)
-    assert len(rows) == 16 * 4 + 4 * 2
-    assert {r.split for r in rows} == {"pretrain", "train", "analysis", "test", "unseen"}
+    assert len(rows) == 16 * 4 + 4
+    assert {r.split for r in rows} == {"pretrain", "train", "analysis", "test"}
     unseen = {c.name for c in tw.CLASSES if c.unseen}
-    # Unseen classes: in "unseen" and (as many as the seen ones) in "pretrain", in no distillation split.
-    assert {r.label for r in rows if r.split == "unseen"} == unseen
+    # Unseen classes: in the AudioSet-format files and (as many as the seen ones) in "pretrain", in no
+    # distillation split.
+    audioset_dir = tmp_path / "world" / "audioset"
+    segments = audioset.read_segments_csv(audioset_dir / "eval_segments.csv")
+    ontology = audioset.load_ontology(audioset_dir / "ontology.json")
+    keep = audioset.read_keep_list(audioset_dir / "keep.tsv", ontology)
+    assert sorted(keep.values()) == sorted(unseen) and len(ontology) == 20
+    assert [(ytid, start, end, [ontology[m] for m in mids]) for ytid, start, end, mids in segments] == [
+        (f"toy{i:02d}-unseen-0000", 0.0, 2.0, [c.name]) for i, c in enumerate(tw.CLASSES) if c.unseen]
     assert sorted(r.label for r in rows if r.split == "pretrain") == sorted(c.name for c in tw.CLASSES)
     for split in ("train", "analysis", "test"):
         assert sorted(r.label for r in rows if r.split == split) == sorted(c.name for c in tw.CLASSES if not c.unseen)
@@ -236,11 +243,19 @@ def test_tiny_world_goes_through_the_vggsound_converter(tmp_path):
                               "--fps", "4", "--max-seconds", "2", "--workers", "1", "--no-progress"])
     assert manifest["skipped"] == []
     assert {s: e["num_examples"] for s, e in manifest["splits"].items()} == {
-        "analysis": 16, "pretrain": 20, "test": 16, "train": 16, "unseen": 4}
+        "analysis": 16, "pretrain": 20, "test": 16, "train": 16}
     assert manifest["classes"] == sorted(c.name for c in tw.CLASSES)
-    path = tmp_path / "records" / manifest["splits"]["unseen"]["files"][0]
+    assert manifest["splits"]["train"]["class_counts"] == {c.name: 1 for c in tw.CLASSES if not c.unseen}
+    unseen_manifest = audioset.main([
+        "--csv", str(audioset_dir / "eval_segments.csv"), "--ontology", str(audioset_dir / "ontology.json"),
+        "--keep", str(audioset_dir / "keep.tsv"), "--video-dir", str(tmp_path / "world" / "videos"),
+        "--out", str(tmp_path / "records"), "--name", "toy_world_unseen", "--fps", "4", "--max-seconds", "2",
+        "--workers", "1", "--no-progress"])
+    assert unseen_manifest["skipped"] == [] and unseen_manifest["classes"] == sorted(unseen)
+    assert unseen_manifest["splits"]["eval"]["class_counts"] == {name: 1 for name in unseen}
+    path = tmp_path / "records" / unseen_manifest["splits"]["eval"]["files"][0]
     clip = tfrecord.example_to_clip(next(tfrecord.iter_records(path)))
-    assert clip.label_name in {c.name for c in tw.CLASSES if c.unseen}
+    assert clip.label_name in unseen and clip.clip_id == "toy16-unseen-0000_000000"
     assert len(clip.jpeg_frames) == 8 and clip.pcm16.shape == (32000,)
 
     # Seeded per clip: another world with other split sizes writes the same clips byte for byte.

@@ -10,7 +10,8 @@ complete from `Study.dataset` (model inputs, positions, targets joined by clip i
 shape per split on every host), and the trainer (train/loop.py) and scorer (scoring.py) run them.
 
 Layout of one seed's workdir:
-    data/                 the toy world (prepare); real runs name their manifest in the config
+    data/                 the toy world (prepare): its manifest, and its unseen classes' AudioSet-format
+                          files and manifest; real runs name their manifests in the config
     tokenizer/            the toy world's tokenizer (real checkpoints carry their own)
     models/{audio,visual} the toy world's warm-started checkpoints (HF format); models/audio_visual and
                           tokenizer_omni/ with config.warm_start.audio_visual (a tiny Qwen2.5-Omni)
@@ -44,6 +45,9 @@ ROLES = {"vl_to_audio": ("visual", "audio"), "audio_to_vl": ("audio", "visual")}
 # condition of prompts.CONDITIONS under the records name `audio_visual_name(condition)`; with
 # config.teacher="audio_visual" its sounded-video answers teach the direction's student.
 AUDIO_VISUAL = "audio_visual"
+# The split of classes the study never distils on: config.data.unseen's manifest (AudioSet's
+# evaluation segments, data_pipelines/audioset.py; the toy world's unseen classes go the same way).
+UNSEEN = "unseen"
 
 
 def audio_visual_name(condition: str) -> str:
@@ -67,6 +71,28 @@ def checkpoint_of(name: str) -> str:
 def condition_of(name: str) -> str | None:
     """The condition of an audio-visual records name (None for the single-modality models)."""
     return name[len(AUDIO_VISUAL) + 1:] if name.startswith(AUDIO_VISUAL + "_") else None
+def classes_with_clips(manifest: dict, split: str) -> list[str]:
+    """The classes with clips in `split` (its `class_counts`; a manifest written before they were
+    recorded: its whole class list)."""
+    counts = manifest["splits"].get(split, {}).get("class_counts")
+    return [c for c in manifest["classes"] if counts is None or counts.get(c)]
+
+
+def check_unseen(unseen: dict, unseen_path, unseen_split: str, seen: dict, seen_path,
+                 seen_splits: tuple[str, ...]) -> None:
+    """Raises naming both manifests where the unseen split is missing, or where a class with clips in
+    it also has clips in a split the study distils on (`seen_splits` of the run's manifest)."""
+    if unseen_split not in unseen["splits"]:
+        raise ValueError(f"{unseen_path}: no split {unseen_split!r} (config.data.unseen.split; the manifest has "
+                         f"{sorted(unseen['splits'])})")
+    distilled = {c for split in seen_splits if split in seen["splits"] for c in classes_with_clips(seen, split)}
+    overlap = [c for c in classes_with_clips(unseen, unseen_split) if c in distilled]
+    if overlap:
+        raise ValueError(f"{unseen_path}: the unseen split {unseen_split!r} holds clips of {len(overlap)} classes "
+                         f"that the study distils on ({seen_path}, splits {list(seen_splits)}): {overlap[:10]}; "
+                         "an unseen class must be new to the distillation (leave it out of the converter's --keep)")
+
+
 STAGES = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
 
 
@@ -79,6 +105,7 @@ class Study:
     mesh: object
     run_dir: epath.Path | None = None  # the run's workdir (seeds' parent): data_errors.jsonl; None: workdir
     _manifest: dict | None = None
+    _unseen_manifest: dict | None = None
     _data_errors: object = None
     _transforms: dict = dataclasses.field(default_factory=dict)
     _paddings: dict = dataclasses.field(default_factory=dict)
@@ -110,6 +137,13 @@ class Study:
     def manifest_path(self) -> epath.Path:
         return multihost.path(self.config.data.manifest or self.path("data", "tfrecords", "toy_world.manifest.json"))
 
+    def unseen_manifest_path(self) -> epath.Path | None:
+        """config.data.unseen.manifest, the toy world's unseen manifest, or None (no unseen split)."""
+        cfg = self.config.data.unseen
+        if cfg.manifest:
+            return multihost.path(cfg.manifest)
+        return self.path("data", "tfrecords", "toy_world_unseen.manifest.json") if self.config.toy else None
+
     def model_dir(self, modality: str) -> epath.Path:
         """`modality`'s checkpoint directory: config.models.<m>.path (a directory, gs://, or a hub
         id fetched into the Hugging Face cache), or the toy world's warm-started model."""
@@ -131,17 +165,44 @@ class Study:
 
     @property
     def classes(self) -> list[str]:
+        """The run manifest's class list (records' `label` of every split but "unseen" indexes it)."""
         return list(self.manifest["classes"])
 
+    @property
+    def unseen_manifest(self) -> dict:
+        """The unseen split's manifest, checked against the run's: none of the classes with clips
+        in it may have clips in the splits the study distils on (`check_unseen`)."""
+        if self._unseen_manifest is None:
+            path = self.unseen_manifest_path()
+            if path is None:
+                raise ValueError(f"split {UNSEEN!r} needs config.data.unseen.manifest: an AudioSet manifest "
+                                 "(python -m data_pipelines.audioset ...)")
+            manifest = load_manifest(path)
+            check_unseen(manifest, path, self.config.data.unseen.split, self.manifest, self.manifest_path(),
+                         seen_splits=(self.config.label.split, self.config.switch.split))
+            self._unseen_manifest = manifest
+        return self._unseen_manifest
+
+    def _source(self, split: str) -> tuple[dict, str, epath.Path]:
+        """(manifest, its name for the split, its path) of the study's `split`."""
+        if split == UNSEEN:
+            return self.unseen_manifest, self.config.data.unseen.split, self.unseen_manifest_path()
+        return self.manifest, split, self.manifest_path()
+
+    def classes_of(self, split: str) -> list[str]:
+        """The class list the records of `split` index (their `label`): the manifest's that holds it."""
+        return list(self._source(split)[0]["classes"])
+
     def split_paths(self, split: str) -> list[str]:
-        splits = self.manifest["splits"]
-        if split not in splits:
-            raise ValueError(f"split {split!r} is not in the manifest {self.manifest_path()} (has {sorted(splits)})")
-        return splits[split]["paths"]
+        manifest, key, path = self._source(split)
+        if key not in manifest["splits"]:
+            raise ValueError(f"split {key!r} is not in the manifest {path} (has {sorted(manifest['splits'])})")
+        return manifest["splits"][key]["paths"]
 
     def num_examples(self, split: str) -> int:
         self.split_paths(split)  # names a missing split
-        return int(self.manifest["splits"][split]["num_examples"])
+        manifest, key, _ = self._source(split)
+        return int(manifest["splits"][key]["num_examples"])
 
     @property
     def data_errors(self):
@@ -158,10 +219,25 @@ class Study:
         data = self.config.data
         return len(self.classes) if data.question_strategy == "fixed" else data.num_options
 
-    def question_maker(self) -> QuestionMaker:
+    def question_classes(self, split: str | None = None) -> list[str]:
+        """The classes a question about a clip of `split` draws its options from: the run's classes;
+        for "unseen", with config.data.unseen.distractors "unseen" the unseen manifest's classes,
+        with "all" the run's classes followed by the unseen ones it lacks."""
+        if split != UNSEEN:
+            return self.classes
+        unseen = self.classes_of(UNSEEN)
+        return unseen if self.config.data.unseen.distractors == "unseen" else \
+            self.classes + [c for c in unseen if c not in self.classes]
+
+    def question_maker(self, split: str | None = None) -> QuestionMaker:
         data = self.config.data
-        return QuestionMaker(self.classes, num_options=self.num_options(), strategy=data.question_strategy,
-                             seed=data.question_seed)
+        try:
+            return QuestionMaker(self.question_classes(split), num_options=self.num_options(),
+                                 strategy=data.question_strategy, seed=data.question_seed)
+        except ValueError as e:
+            path = self.unseen_manifest_path() if split == UNSEEN else self.manifest_path()
+            raise ValueError(f"questions about split {split!r} ({path}, config.data.unseen.distractors="
+                             f"{data.unseen.distractors!r}): {e}") from None
 
     def transform(self, modality: str, tokenizer_dir=None):
         """`modality`'s model transform ("waveform": the switch's fixed-length audio); the
@@ -211,7 +287,7 @@ class Study:
             first = None
             for path in self.split_paths(split):
                 source = tfrecord.TFRecordDataSource([path], on_error=config.on_error)
-                read = pipeline_lib.ReadExample(source, self.classes, self.question_maker(),
+                read = pipeline_lib.ReadExample(source, self.classes_of(split), self.question_maker(split),
                                                 decode_audio=config.decode_audio, decode_frames=config.decode_frames)
                 first = next((e for e in (read((i, 1)) for i in range(len(source))) if e is not None), None)
                 if first is not None:
@@ -219,7 +295,7 @@ class Study:
             if first is None:
                 raise ValueError(f"split {split!r}: no readable record in {self.split_paths(split)[:3]}")
             self._paddings[key] = self.transform(modality, tokenizer_dir).split_padding(
-                first, self.classes, self.num_options(), self.config.data.prompt_buckets)
+                first, self.question_classes(split), self.num_options(), self.config.data.prompt_buckets)
         return self._paddings[key]
 
     def dataset(self, modality: str, split: str, *, batch_size: int, train: bool = False,
@@ -229,11 +305,11 @@ class Study:
         audio): complete, with `targets(example)` joined to each clip's row when given.
         `all_hosts`: every host reads the whole split (small splits held in memory)."""
         return pipeline_lib.make_dataset(
-            self.split_paths(split), self.classes,
+            self.split_paths(split), self.classes_of(split),
             config=self._pipeline_config(modality, batch_size=batch_size, train=train, num_epochs=num_epochs,
                                          seed=seed),
             transform=self.transform(modality, tokenizer_dir), padding=self.padding(modality, split, tokenizer_dir),
-            targets=targets, question_maker=self.question_maker(), on_data_error=self.data_errors.reporter(split),
+            targets=targets, question_maker=self.question_maker(split), on_data_error=self.data_errors.reporter(split),
             **(dict(process_index=0, process_count=1) if all_hosts else {}))
 
     # ---- models -------------------------------------------------------------------------------

@@ -90,6 +90,6 @@ def run(study) -> None:
         for split in todo:
             records = score_model(study, model, study.student, split, study.records_path(name, split),
                                   batch_size=study.config.evaluate.batch_size)
-            print(f"distill: {mode} student on {split}: {accuracy(records, study.classes)['overall']:.3f}",
+            print(f"distill: {mode} student on {split}: {accuracy(records, study.classes_of(split))['overall']:.3f}",
                   flush=True)
         del model  # one student in memory at a time

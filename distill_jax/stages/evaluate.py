@@ -79,7 +79,7 @@ def summary(study, names: Sequence[str], splits: Sequence[str]) -> dict:
         for split in splits:
             path = study.records_path(name, split)
             if path.exists():
-                out.setdefault(name, {})[split] = accuracy(read_records(path), study.classes)
+                out.setdefault(name, {})[split] = accuracy(read_records(path), study.classes_of(split))
     return out
 
 
@@ -114,7 +114,7 @@ def run(study) -> None:
         for name, split in todo:
             records = score_model(study, model, name, split, study.records_path(name, split),
                                   batch_size=study.scoring_batch_size(name, config.batch_size))
-            print(f"evaluate: {name} model on {split}: {accuracy(records, study.classes)['overall']:.3f}",
+            print(f"evaluate: {name} model on {split}: {accuracy(records, study.classes_of(split))['overall']:.3f}",
                   flush=True)
         del model  # one model in memory at a time
     tables = summary(study, [n for record_names in names.values() for n in record_names], config.splits)

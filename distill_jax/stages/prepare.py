@@ -1,9 +1,11 @@
 """Prepare: the clips as TFRecord shards + a manifest, and (toy world) the tokenizer.
 
-Toy world: generates the procedural clips and converts them (`data_pipelines.toy_world`), and
-writes a tiny Qwen2 tokenizer whose corpus holds the class names. Real data: the manifest the
-config names must exist (convert VGGSound first with `python -m data_pipelines.vggsound`);
-this stage checks it and prints its report. Reruns skip finished work (the converter skips
+Toy world: generates the procedural clips and converts them (`data_pipelines.toy_world`: the
+unseen classes through the AudioSet converter, as a real run's), and writes a tiny Qwen2
+tokenizer whose corpus holds the class names. Real data: the manifest the config names must
+exist (convert VGGSound first with `python -m data_pipelines.vggsound`); this stage checks it
+and prints its report. Both: the unseen split's manifest (config.data.unseen) is read and
+checked (no class of it distilled on). Reruns skip finished work (the converter skips
 finished shards). On several hosts, process 0 prepares and the others wait at a barrier. A
 remote (gs://) workdir gets the toy world through a local staging directory.
 """
@@ -33,8 +35,9 @@ def _prepare(study) -> None:
             raise FileNotFoundError(f"config.data.manifest {path} does not exist: convert the clips first "
                                     "(python -m data_pipelines.vggsound --csv ... --video-dir ... --out ...)")
         converter.print_report(study.manifest)
+        _check_unseen(study)
         return
-    if not study.manifest_path().exists():
+    if not study.manifest_path().exists() or not study.unseen_manifest_path().exists():
         print("prepare: generating the toy world", flush=True)
         world = config.data.world
         with multihost.staged(study.path("data")) as out:  # the generator writes local files
@@ -45,3 +48,16 @@ def _prepare(study) -> None:
         with multihost.atomic_dir(tokenizer_dir, last="tokenizer.json") as out:  # whole or not at all
             make_qwen2_tokenizer(out, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB)
     converter.print_report(study.manifest)
+    _check_unseen(study)
+
+
+def _check_unseen(study) -> None:
+    """The unseen split's manifest, read and checked against the run's now (its classes new to the
+    distillation), not hours later in the evaluate stage."""
+    path = study.unseen_manifest_path()
+    if path is None:
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"config.data.unseen.manifest {path} does not exist: convert AudioSet's evaluation "
+                                "segments first (python -m data_pipelines.audioset --csv ... --keep ...)")
+    converter.print_report(study.unseen_manifest)

@@ -135,9 +135,9 @@ def build_seed(study, records: dict) -> dict:
             if (name, split) not in records:
                 continue
             clips = list(records[(name, split)].values())
-            result["accuracy"].setdefault(label, {})[split] = accuracy(clips, study.classes)
+            result["accuracy"].setdefault(label, {})[split] = accuracy(clips, study.classes_of(split))
             result["by_group"].setdefault(label, {})[split] = {
-                g: group_accuracy(clips, study.classes, members) for g, members in groups.items()}
+                g: group_accuracy(clips, study.classes_of(split), members) for g, members in groups.items()}
     switch_metrics = study.path("switch", "metrics.json")
     if switch_metrics.exists():
         # Its evaluation; the training-loss curve stays in switch/metrics.json (a log, not a result:
@@ -176,7 +176,7 @@ def finding(name: str, studies: list, seed_results: list[dict], records: list[di
         clip_ids = sorted(set(a) & set(b))
         if group is not None:
             members = set(result["groups"].get(group, ()))
-            clip_ids = [c for c in clip_ids if study.classes[a[c]["label"]] in members]
+            clip_ids = [c for c in clip_ids if study.classes_of(split)[a[c]["label"]] in members]
         if not clip_ids:
             out["seeds"].append({"seed": result["seed"], "diff": None, "clips": 0})
             continue
@@ -228,7 +228,7 @@ def aggregate(studies: list, seed_results: list[dict]) -> dict:
                 g: _spread([r["by_group"].get(label, {}).get(split, {}).get(g) for r in seed_results]) for g in groups}
             per_class.setdefault(label, {})[split] = {
                 name: _spread([c and c["per_class"].get(name, {}).get("accuracy") for c in cells])
-                for name in first.classes}
+                for name in first.classes_of(split)}
     switch = None
     if any("switch" in r for r in seed_results):
         switch = {key: _spread([r.get("switch", {}).get("eval", {}).get(key) for r in seed_results])
