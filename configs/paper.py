@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.batch_size = 16
 
     c.switch.backbone = args["pann"] or "cnn14_16k"
+    c.switch.variants = ()  # one switch per run at 7B scale; the other inputs are sweep() entries
     # Class-level labels: the paper transfers "in sound classes predicted as more challenging to the
     # student" (its abstract); per-clip labels are the ablation in sweep().
     c.switch.label_mode = "class"
@@ -125,8 +126,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sweep(add):
-    """The ablations: switch modes, the logits loss, sample-level switch labels."""
+    """The ablations: switch modes, the logits loss, sample-level switch labels, the switch's inputs."""
     for mode in ("learned", "always", "never"):
         add(**{"distill.modes": (mode,)})
     add(**{"distill.loss": "logits", "distill.temperature": 2.0})
     add(**{"switch.label_mode": "sample"})
+    # The audio-visual switch (the paper's open question) and the confidence switch.
+    add(**{"switch.inputs": "audio_visual"})
+    add(**{"switch.inputs": "confidence"})

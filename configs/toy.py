@@ -139,6 +139,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.switch.split = "analysis"  # trained on this split's answers of both models
     c.switch.eval_split = "test"
     c.switch.backbone = "tiny"  # a Cnn14Config preset (random init) or a PANN checkpoint path
+    # What the switch sees beside the audio (stages/switch.py): "audio" (the Cnn14 alone, the paper's),
+    # "audio_visual" (+ the visual model's pooled vision-tower embedding of the clip, frozen) or
+    # "confidence" (+ both models' letter-distribution features: max probability, margin, entropy,
+    # agreement). `variants`: the ablations, trained, labelled and distilled ("learned_<inputs>") in the
+    # same run beside `inputs`, compared in results.json's analysis.switch_variants.
+    c.switch.inputs = "audio"
+    c.switch.variants = ("audio_visual", "confidence")
     c.switch.finetune = "full"
     # Class-level labels (the paper's "classes predicted as more challenging to the student").
     # Measured on seed 0 of the default world, on test: class-level 0.992 (always-majority 0.562),

@@ -104,6 +104,7 @@ def check_config(config, stages) -> None:
     from distill_jax.stages.label import SWITCH_MODES
     from distill_jax.train import switch as switch_lib
     from distill_jax.train.losses import MODES
+    from distill_jax.stages import switch as switch_stage
 
     errors = []
     seeds = tuple(config.seeds)
@@ -162,6 +163,7 @@ def check_config(config, stages) -> None:
                _choice(config, "switch.finetune", switch_lib.FINETUNE_MODES),
                _choice(config, "switch.label_mode", switch_lib.LABEL_MODES),
                _choice(config, "switch.sample_rule", switch_lib.SAMPLE_RULES),
+               _choice(config, "switch.inputs", switch_stage.INPUTS),
                _number(config, "switch.class_margin", low=-1, high=1),
                _number(config, "switch.threshold", low=0, high=1, low_open=True, high_open=True),
                _number(config, "switch.learning_rate", low=0, low_open=True),
@@ -170,6 +172,9 @@ def check_config(config, stages) -> None:
                _number(config, "switch.max_nonfinite_steps", kind=int, low=1),
                _number(config, "label.batch_size", kind=int, low=1),
                _number(config, "label.chunk_batches", kind=int, low=1)]
+    variants = tuple(config.switch.variants)
+    if any(v not in switch_stage.INPUTS for v in variants) or len(set(variants)) < len(variants):
+        errors.append(f"config.switch.variants={variants}: expected distinct names from {switch_stage.INPUTS}")
     # distill
     cfg = config.distill
     bad = [m for m in cfg.modes if m not in SWITCH_MODES]
@@ -326,7 +331,7 @@ STAGE_CONFIG = {
     "evaluate": ("models.audio.path", "models.visual.path", "models.attention_impl", *_PROMPT),
     "switch": ("direction", "teacher", "switch.split", "switch.eval_split", "switch.backbone", "switch.finetune",
                "switch.label_mode", "switch.sample_rule", "switch.class_margin", "switch.threshold",
-               "switch.learning_rate", "switch.batch_size", "switch.epochs"),
+               "switch.learning_rate", "switch.batch_size", "switch.epochs", "switch.inputs", "switch.variants"),
     "label": ("label.split",),
     "distill": ("distill.loss", "distill.temperature", "distill.lora", "distill.batch_size", "distill.epochs",
                 "distill.max_steps", "distill.learning_rate", "distill.warmup_steps", "distill.weight_decay",

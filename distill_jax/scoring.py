@@ -109,3 +109,24 @@ def letter_record(batch: dict, row: int, logits: np.ndarray) -> dict:
             "predicted": int(np.argmax(logits))}
 
 
+
+
+@functools.lru_cache(maxsize=4)
+def _pooled_vision_program(graphdef, mesh):
+    @partial(jax.jit, static_argnums=(2,), out_shardings=batch_sharding(mesh))
+    def pooled(state, batch, static):
+        model = nnx.merge(graphdef, state)
+        pixels = batch["pixel_values_videos"]
+        clips = pixels.shape[0]
+        tokens = model.visual(pixels.reshape(-1, pixels.shape[-1]), (dict(static)["video_grid"],) * clips)
+        return tokens.reshape(clips, -1, tokens.shape[-1]).astype(jnp.float32).mean(1)
+
+    return pooled
+
+
+def pooled_vision_scorer(model: nnx.Module, mesh):
+    """compute(placed Qwen2VLTransform batch, static) -> [B, D]: the mean over each clip's merged
+    vision-tower tokens (the clip's pooled visual embedding; the tower is frozen, the LM unused)."""
+    graphdef, state = nnx.split(model)
+    program = _pooled_vision_program(graphdef, mesh)
+    return lambda batch, static: program(state, batch, static)

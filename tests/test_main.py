@@ -50,7 +50,8 @@ def test_every_stage_writes_outputs_that_parse(tiny_run):
     results = json.load(open(os.path.join(tiny_run, "results.json")))
     assert set(results["accuracy"]) == {"student (original)", "teacher", "student distilled (learned)",
                                         "student distilled (always)", "student distilled (never)",
-                                        "student distilled (oracle)"}
+                                        "student distilled (oracle)", "student distilled (learned_audio_visual)",
+                                        "student distilled (learned_confidence)"}
     manifest = json.load(open(os.path.join(seed, SEED_OUTPUTS[0])))
     # The unseen classes come through the AudioSet converter, from the toy world's AudioSet-format files.
     unseen = json.load(open(os.path.join(seed, "data", "tfrecords", "toy_world_unseen.manifest.json")))
@@ -228,7 +229,7 @@ def test_paper_config_needs_its_checkpoints(tmp_path):
         paper.get_config("mesh=8")
     runs = []
     paper.sweep(lambda **kw: runs.append(kw))
-    assert {"distill.modes": ("always",)} in runs and len(runs) == 5
+    assert {"distill.modes": ("always",)} in runs and {"switch.inputs": "audio_visual"} in runs and len(runs) == 7
 
 
 def test_an_unseen_split_must_be_new_to_the_distillation_and_ask_its_own_questions(tiny_run, tmp_path):

@@ -1,13 +1,17 @@
 """The heuristic switch: labels from hand-made prediction tables, the weighted BCE against
 torch's, metrics by hand, training on a synthetic set whose label is a function of the
 audio (full fine-tune, then a frozen-backbone head), predict with resampling, orbax
-save/restore, bad input."""
+save/restore, bad input; side features (the switch variants) and the confidence features."""
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
 from data_pipelines.audio_resample import resample
+from distill_jax import sharding
 from distill_jax.models.cnn14 import Cnn14Config
 from distill_jax.train import switch as sw
 
@@ -138,3 +142,50 @@ def test_switch_learns_a_synthetic_rule_then_saves_and_restores(tmp_path):
         sw.make_predict(frozen)(ex[:, :3000])
     with pytest.raises(FileNotFoundError, match="no switch_config.json"):
         sw.restore_switch(str(tmp_path))
+
+
+def test_side_features_teach_the_switch_what_the_audio_cannot_and_are_kept_with_it(tmp_path):
+    """The clips' audio is the same noise for both labels; one side feature (offset by 100 and
+    scaled by 50, so only its standardisation makes it usable) carries the label: the audio-only
+    switch stays near chance, the switch with side features learns the rule, and save / restore
+    keeps the standardisation."""
+    rng = np.random.RandomState(0)
+    n, held_out = 96, 64
+    waves = (0.1 * rng.randn(n + held_out, 8000)).astype(np.float32)
+    y = (rng.rand(n + held_out) < 0.3).astype(np.int32)
+    features = np.stack([100 + 50 * (y + 0.3 * rng.randn(y.size)), 100 + 50 * rng.randn(y.size),
+                         rng.randn(y.size)], 1).astype(np.float32)
+    config = sw.SwitchConfig(backbone=TINY, finetune="head", epochs=30, batch_size=16, learning_rate=1e-2)
+    _, audio_only = sw.train_switch(config, waves[:n], y[:n], eval_waveforms=waves[n:], eval_labels=y[n:])
+    with_features = dataclasses.replace(config, feature_dim=3)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        switch, _ = sw.fit(with_features, waves[:n], y[:n], mesh=mesh, features=features[:n])
+    predict = sw.make_predict(switch, batch_size=16)
+    learned = sw.binary_metrics(y[n:], predict(waves[n:], features[n:]))
+    print("audio only:", audio_only["eval"], "with side features:", learned)
+    assert audio_only["eval"]["balanced_accuracy"] < 0.65
+    assert learned["accuracy"] >= learned["majority_baseline"] + MARGIN and learned["balanced_accuracy"] >= 0.9
+    np.testing.assert_allclose(np.asarray(switch.feature_mean[...]), features[:n].mean(0), rtol=1e-5)
+
+    sw.save_switch(switch, str(tmp_path / "switch"))
+    restored = sw.restore_switch(str(tmp_path / "switch"))
+    np.testing.assert_array_equal(sw.make_predict(restored, batch_size=16)(waves[n:], features[n:]),
+                                  predict(waves[n:], features[n:]))
+    with pytest.raises(ValueError, match=r"side features must be \[64, 3\]"):
+        predict(waves[n:], features[n:, :2])
+    with pytest.raises(ValueError, match="takes no side features"):
+        sw.make_predict(sw.Switch(config, rngs=nnx.Rngs(0)))(waves[:2], features[:2])
+
+
+def test_confidence_features_by_hand():
+    from distill_jax.stages.switch import CONFIDENCE_FEATURES, confidence_features
+
+    teacher = np.log([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    student = np.log([[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]])
+    entropy = lambda p: -sum(q * np.log(q) for q in p)  # noqa: E731
+    expected = [[0.7, 0.5, entropy([0.7, 0.2, 0.1]), 0.5, 0.1, entropy([0.1, 0.5, 0.4]), 0.0],
+                [1 / 3, 0.0, np.log(3), 0.6, 0.3, entropy([0.6, 0.3, 0.1]), 1.0]]
+    got = confidence_features(teacher, student)
+    assert got.shape == (2, len(CONFIDENCE_FEATURES))
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -17,7 +17,7 @@ from flax import nnx
 from distill_jax import sharding
 from distill_jax.models import lora
 from distill_jax.stages.evaluate import accuracy, read_records, score_model
-from distill_jax.stages.label import JoinTargets, labels_path
+from distill_jax.stages.label import JoinTargets, distill_modes, labels_path
 from distill_jax.train import loop
 from distill_jax.train.step import distill_objective
 
@@ -75,7 +75,7 @@ def train(study, mode: str, out):
 
 def run(study) -> None:
     cfg = study.config.distill
-    for mode in cfg.modes:
+    for mode in distill_modes(study):
         out = study.path("distill", mode)
         adapter = out / "adapter"
         name = f"student_{mode}"

@@ -3,7 +3,8 @@ original answer, the switch's probability, and whether the switch is closed (tea
 
 Switch modes: "learned" (the Cnn14 switch: prob >= threshold), "always" (distil every clip),
 "never" (only anti-forgetting), "oracle" (ground truth: the teacher right and the student
-wrong; toy world only, an upper bound). `JoinTargets` joins a mode's label records to the
+wrong; toy world only, an upper bound); and "learned_<inputs>" for each switch variant
+(config.switch.variants, stages/switch.py), labelled as "learned" from that switch. `JoinTargets` joins a mode's label records to the
 distillation's input pipeline by clip id.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ SWITCH_MODES = ("learned", "always", "never", "oracle")
 def make_labels(teacher: Sequence[dict], student: Sequence[dict], *, mode: str = "learned",
                 switch_probs: Mapping[str, float] | None = None, threshold: float = 0.5) -> list[dict]:
     """Label records keyed by clip id, from the evaluate stage's records of both models on one split."""
+    if mode.startswith("learned_"):
+        mode = "learned"  # a switch variant's probabilities
     if mode not in SWITCH_MODES:
         raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {mode!r}")
     if mode == "learned" and switch_probs is None:
@@ -61,21 +64,38 @@ class JoinTargets:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def switch_probabilities(study, split: str, out_path) -> dict[str, float]:
-    """The trained switch's probability per clip of `split` (records written once, JSON lines)."""
-    from distill_jax.stages.switch import probabilities
+def switch_probabilities(study, split: str, out_path, inputs: str | None = None) -> dict[str, float]:
+    """The trained `inputs` switch's (default: the main one's) probability per clip of `split`
+    (records written once, JSON lines)."""
+    from distill_jax.stages.switch import probabilities, side_features, switch_dir
     from distill_jax.train.switch import probability_scorer, restore_switch
 
-    constant = multihost.read_json(study.path("switch", "metrics.json")).get("constant")
+    inputs = inputs or study.config.switch.inputs
+    directory = switch_dir(study, inputs)
+    constant = multihost.read_json(directory / "metrics.json").get("constant")
+    features = None
     if constant is not None:  # the switch stage found one-sided labels: a constant switch
         compute = lambda batch, static: jax.numpy.full(batch["waveform"].shape[:1], float(constant))
     else:
-        compute = probability_scorer(restore_switch(study.path("switch", "model"), study.mesh), study.mesh)
-    return probabilities(study, compute, split, out_path, batch_size=study.config.label.batch_size)
+        compute = probability_scorer(restore_switch(directory / "model", study.mesh), study.mesh)
+        if not out_path.exists():
+            features = side_features(study, inputs, split)
+    return probabilities(study, compute, split, out_path, batch_size=study.config.label.batch_size,
+                         features=features)
 
 
 def labels_path(study, mode: str):
     return study.path("labels", f"{mode}.jsonl")
+
+
+def distill_modes(study) -> list[str]:
+    """config.distill.modes, then "learned_<inputs>" for each switch variant (when "learned" is a mode)."""
+    from distill_jax.stages.switch import switch_inputs, variant_mode
+
+    modes = list(study.config.distill.modes)
+    if "learned" in modes:
+        modes += [variant_mode(study, inputs) for inputs in switch_inputs(study)[1:]]
+    return modes
 
 
 def run(study) -> None:
@@ -91,16 +111,21 @@ def run(study) -> None:
             score_model(study, study.load_model(modality), modality, split, path,
                         batch_size=study.scoring_batch_size(modality, cfg.batch_size), chunk_batches=cfg.chunk_batches)
         records[modality] = read_records(path)
-    modes = list(study.config.distill.modes)
-    probs = None
-    if "learned" in modes:
-        probs = switch_probabilities(study, split, study.path("labels", f"switch-{split}.jsonl"))
-    for mode in modes:
+    from distill_jax.stages.switch import switch_inputs, variant_mode
+
+    probs = {}
+    if "learned" in study.config.distill.modes:
+        for inputs in switch_inputs(study):
+            mode = variant_mode(study, inputs)
+            name = "switch" if mode == "learned" else f"switch_{inputs}"
+            if not labels_path(study, mode).exists():
+                probs[mode] = switch_probabilities(study, split, study.path("labels", f"{name}-{split}.jsonl"), inputs)
+    for mode in distill_modes(study):
         path = labels_path(study, mode)
         if path.exists():
             print(f"label: {path} exists, skipped")
             continue
-        labels = make_labels(records[study.teacher], records[study.student], mode=mode, switch_probs=probs,
+        labels = make_labels(records[study.teacher], records[study.student], mode=mode, switch_probs=probs.get(mode),
                              threshold=study.config.switch.threshold)
         write_records(path, labels)
         closed = np.mean([r["switch_closed"] for r in labels])

@@ -63,8 +63,10 @@ def model_names(study) -> dict[str, str]:
     audio-visual reference once per condition, when the run has one)."""
     from distill_jax.stages.common import AUDIO_VISUAL, audio_visual_name
 
+    from distill_jax.stages.label import distill_modes
+
     names = {ORIGINAL: study.student, TEACHER: study.teacher,
-             **{distilled(m): f"student_{m}" for m in study.config.distill.modes}}
+             **{distilled(m): f"student_{m}" for m in distill_modes(study)}}
     if study.audio_visual:
         names.update({audio_visual_reference(c): audio_visual_name(c)
                       for c in study.config.models[AUDIO_VISUAL].conditions})
@@ -161,7 +163,13 @@ def _correct(records: dict[str, dict], clip_ids: list[str]) -> np.ndarray:
 def finding(name: str, studies: list, seed_results: list[dict], records: list[dict]) -> dict:
     """One finding over every seed (pooled clips), with its per-seed differences; `records`: each
     seed's `seed_records`."""
-    split, group, a_label, b_label, rule = FINDINGS[name]
+    return paired_comparison(name, *FINDINGS[name], studies, seed_results, records)
+
+
+def paired_comparison(name: str, split: str, group: str | None, a_label: str, b_label: str, rule: str,
+                      studies: list, seed_results: list[dict], records: list[dict]) -> dict:
+    """Models `a_label` and `b_label` on the same clips of `split` (of `group`'s classes), pooled over
+    the seeds: accuracies, difference with its paired bootstrap CI, McNemar p, and whether `rule` holds."""
     out = {"name": name, "split": split, "classes": group or "all", "a_model": a_label, "b_model": b_label,
            "rule": rule, "a": None, "b": None, "diff": None, "ci95": None, "p_value": None, "holds": None,
            "seeds": []}
@@ -197,6 +205,37 @@ def finding(name: str, studies: list, seed_results: list[dict], records: list[di
 
 def findings(studies: list, seed_results: list[dict], records: list[dict]) -> list[dict]:
     return [finding(name, studies, seed_results, records) for name in FINDINGS]
+
+
+def switch_variants(studies: list, seed_results: list[dict], records: list[dict]) -> dict | None:
+    """Per switch (config.switch.inputs, then each variant): its accuracy on its evaluation split
+    beside the always-majority baseline (mean +- sd over seeds), and its distilled student on the
+    findings' split against the original student and against the main switch's student (paired,
+    pooled over seeds, with bootstrap CIs)."""
+    from distill_jax.stages.switch import switch_dir, switch_inputs, variant_mode
+
+    first = studies[0]
+    if "learned" not in first.config.distill.modes:
+        return None
+    split = FINDINGS["distilled_beats_original"][0]
+    main = distilled(variant_mode(first, first.config.switch.inputs))
+    out = {}
+    for inputs in switch_inputs(first):
+        metrics = [switch_dir(study, inputs) / "metrics.json" for study in studies]
+        metrics = [multihost.read_json(m) if m.exists() else None for m in metrics]
+        student = distilled(variant_mode(first, inputs))
+        row = {"mode": variant_mode(first, inputs), "eval_split": first.config.switch.eval_split,
+               "constant_in_seeds": [r["seed"] for r, m in zip(seed_results, metrics) if m and "constant" in m]}
+        for key in ("accuracy", "balanced_accuracy", "majority_baseline"):
+            row[key] = _spread([m and m["eval"][key] for m in metrics])
+        row["distilled_vs_original"] = paired_comparison(f"{inputs}: distilled vs original", split, None, student,
+                                                         ORIGINAL, "better", studies, seed_results, records)
+        if student != main:
+            row["distilled_vs_main_switch"] = paired_comparison(f"{inputs} vs {first.config.switch.inputs} switch",
+                                                                split, None, student, main, "better", studies,
+                                                                seed_results, records)
+        out[inputs] = row
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,12 +286,14 @@ def aggregate(studies: list, seed_results: list[dict]) -> dict:
 
 
 def build(studies: list) -> dict:
+    from distill_jax.stages.label import distill_modes
+
     records = [seed_records(study) for study in studies]
     seed_results = [build_seed(study, scored) for study, scored in zip(studies, records)]
     first = studies[0]
     splits = list(dict.fromkeys([*first.config.distill.eval_splits, *first.config.evaluate.splits]))
     results = {"direction": first.config.direction, "teacher": first.teacher, "student": first.student,
-               "seeds": [r["seed"] for r in seed_results], "modes": list(first.config.distill.modes),
+               "seeds": [r["seed"] for r in seed_results], "modes": distill_modes(first),
                "splits": splits, "gap_threshold": GAP, "non_inferiority_margin": NON_INFERIORITY,
                "clips": {split: first.num_examples(split) for split in splits},
                "findings": findings(studies, seed_results, records), **aggregate(studies, seed_results),
@@ -264,6 +305,7 @@ def build(studies: list) -> dict:
         unseen = {label: per["unseen"] for label, per in results["accuracy"].items()
                   if "unseen" in per and (label == ORIGINAL or label.startswith("student distilled"))}
         results["analysis"]["unseen"] = unseen or None
+        results["analysis"]["switch_variants"] = switch_variants(studies, seed_results, records)
     from distill_jax import data_errors
 
     results["data_errors"] = {"on_error": first.config.data.on_error,
@@ -361,6 +403,7 @@ def markdown(results: dict) -> str:
         if len(seeds) > 1:
             lines.append(f"| mean ± sd | | | | {_mean_sd(sw['accuracy'])} | {_mean_sd(sw['balanced_accuracy'])} | "
                          f"{_mean_sd(sw['majority_baseline'])} | |")
+    lines += switch_variants_section((results.get("analysis") or {}).get("switch_variants"))
     if results.get("modality_gap"):
         lines += ["", f"## Modality gap, {results['modality_gap']['split']} (%)" +
                   (", mean over seeds" if len(seeds) > 1 else ""), "",
@@ -370,6 +413,26 @@ def markdown(results: dict) -> str:
         lines += ["", "Stage wall times (s): " + "; ".join(
             f"seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for seed, t in results["timings_s"].items())]
     return "\n".join(lines) + "\n"
+
+
+def switch_variants_section(variants: dict | None) -> list[str]:
+    """What the switch sees (audio, + the visual embedding, + both models' confidence): each switch
+    against its always-majority baseline, and its distilled student, paired on the same clips."""
+    if not variants or len(variants) < 2:
+        return []
+    fmt = lambda c: ("-" if not c or c.get("diff") is None else  # noqa: E731
+                     f"{_signed(c['diff'])} [{_signed(c['ci95'][0])}, {_signed(c['ci95'][1])}], p {c['p_value']:.2g}")
+    first = next(iter(variants.values()))
+    split = first["distilled_vs_original"]["split"]
+    lines = ["", f"## Switch variants (what the switch sees); switch on {first['eval_split']}, students on {split}", "",
+             "| switch inputs | switch accuracy | always-majority | distilled student | vs original student: "
+             "diff [95 % CI], McNemar p | vs the main switch's student |", "|---|---|---|---|---|---|"]
+    for inputs, row in variants.items():
+        vs = row["distilled_vs_original"]
+        lines.append(f"| {inputs} | {_mean_sd(row['accuracy'])} | {_mean_sd(row['majority_baseline'])} | "
+                     f"{_pct(vs['a'])} | {fmt(vs)} | {fmt(row.get('distilled_vs_main_switch')) if 'distilled_vs_main_switch' in row else '(main)'} |")
+    return lines + ["", "Accuracies in %, the students' pooled over seeds; a difference whose CI spans 0 is not a "
+                        "finding."]
 
 
 def data_errors_section(results: dict) -> list[str]:

@@ -10,6 +10,11 @@ weighted for class imbalance (= torch BCEWithLogitsLoss(pos_weight=n_neg / n_pos
   updating the running ones, dropout, SpecAugment).
 `make_predict(switch)` is the labelling stage's jitted batch `predict(waveforms) -> prob`;
 `save_switch` / `restore_switch` keep it with orbax.
+
+With `feature_dim > 0` the head also sees per-clip side features (the study's `switch.inputs`:
+the visual model's pooled vision embedding, or both models' letter-distribution features),
+standardised by the training clips' mean and standard deviation (kept with the weights) and
+concatenated to the Cnn14 embedding: `switch(waveform, features)`.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class SwitchConfig:
     pos_weight: float | None = None  # None: n_negative / n_positive of the training labels
     seed: int = 0
     max_nonfinite_steps: int = 3  # consecutive non-finite (skipped) steps before training stops
+    feature_dim: int = 0  # per-clip side features concatenated to the embedding (0: audio only)
 
     def __post_init__(self):
         checks = (("finetune", FINETUNE_MODES), ("label_mode", LABEL_MODES), ("sample_rule", SAMPLE_RULES))
@@ -60,6 +66,8 @@ class SwitchConfig:
             raise ValueError(f"SwitchConfig.threshold must be in (0, 1), got {self.threshold}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if self.feature_dim < 0:
+            raise ValueError(f"feature_dim must be >= 0, got {self.feature_dim}")
         if self.pos_weight is not None and not self.pos_weight > 0:
             raise ValueError(f"pos_weight must be > 0 (or None), got {self.pos_weight}")
 
@@ -184,19 +192,40 @@ def binary_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the model
 
+class FeatureStat(nnx.BatchStat):
+    """The side features' standardisation (set from the training clips by `fit`; saved, not trained)."""
+
+
 class Switch(nnx.Module):
-    """Cnn14 backbone + a one-logit head on its embedding: `switch(waveform [B, N]) -> logits [B]`."""
+    """Cnn14 backbone + a one-logit head on its embedding (and, with `config.feature_dim`, the
+    standardised side features): `switch(waveform [B, N], features [B, D] | None) -> logits [B]`."""
 
     def __init__(self, config: SwitchConfig, *, rngs: nnx.Rngs, backbone: Cnn14 | None = None):
         if backbone is not None and backbone.config != config.backbone:
             raise ValueError(f"backbone config {backbone.config} differs from SwitchConfig.backbone {config.backbone}")
         self.config = config
         self.backbone = backbone if backbone is not None else Cnn14(config.backbone, rngs=rngs)
-        self.head = Linear(config.backbone.embedding_dim, 1, axes=("cnn_embed", "classes"), use_bias=True,
-                           kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.head = Linear(config.backbone.embedding_dim + config.feature_dim, 1, axes=("cnn_embed", "classes"),
+                           use_bias=True, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        if config.feature_dim:
+            self.feature_mean = FeatureStat(jnp.zeros((config.feature_dim,), jnp.float32))
+            self.feature_scale = FeatureStat(jnp.ones((config.feature_dim,), jnp.float32))
 
-    def __call__(self, waveform: jax.Array) -> jax.Array:
-        return self.head(self.backbone(waveform)["embedding"])[:, 0]
+    def __call__(self, waveform: jax.Array, features: jax.Array | None = None) -> jax.Array:
+        embedding = self.backbone(waveform)["embedding"]
+        if self.config.feature_dim:
+            if features is None or features.shape[-1] != self.config.feature_dim:
+                raise ValueError(f"this switch takes {self.config.feature_dim} side features per clip, got "
+                                 f"{None if features is None else features.shape}")
+            standard = (features.astype(jnp.float32) - self.feature_mean[...]) / self.feature_scale[...]
+            embedding = jnp.concatenate([embedding, standard.astype(embedding.dtype)], axis=-1)
+        return self.head(embedding)[:, 0]
+
+    def set_feature_stats(self, features: np.ndarray) -> None:
+        """Standardise side features by these (training) clips' mean and standard deviation."""
+        features = np.asarray(features, np.float64)
+        self.feature_mean[...] = jnp.asarray(features.mean(0), jnp.float32)
+        self.feature_scale[...] = jnp.asarray(np.maximum(features.std(0), 1e-6), jnp.float32)
 
 
 def _as_batch(waveforms, config: SwitchConfig, sample_rate: int | None) -> np.ndarray:
@@ -234,8 +263,8 @@ def _eval_copy(module: nnx.Module) -> nnx.Module:
 
 
 @partial(jax.jit, static_argnums=0)
-def _probabilities(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
-    return jax.nn.sigmoid(nnx.merge(graphdef, state)(x))
+def _probabilities(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, features=None) -> jax.Array:
+    return jax.nn.sigmoid(nnx.merge(graphdef, state)(x, features))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -243,11 +272,28 @@ def _embeddings(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.A
     return nnx.merge(graphdef, state)(x)["embedding"]
 
 
-def _run_batched(fn, graphdef, state, x: np.ndarray, batch_size: int, width: tuple[int, ...] = ()) -> np.ndarray:
+def _run_batched(fn, graphdef, state, x: np.ndarray, batch_size: int, width: tuple[int, ...] = (),
+                 features: np.ndarray | None = None) -> np.ndarray:
     out = np.empty((len(x), *width), np.float32)
     for index, real in _batches(len(x), batch_size):
-        out[index[:real]] = np.asarray(fn(graphdef, state, x[index]))[:real]
+        extra = () if features is None else (features[index],)
+        out[index[:real]] = np.asarray(fn(graphdef, state, x[index], *extra))[:real]
     return out
+
+
+def _as_features(features, config: SwitchConfig, n: int) -> np.ndarray | None:
+    """[clips, feature_dim] float32 (None for an audio-only switch); a wrong shape or a non-finite
+    value is an error naming it."""
+    if not config.feature_dim:
+        if features is not None:
+            raise ValueError("this switch takes no side features (SwitchConfig.feature_dim is 0)")
+        return None
+    f = np.asarray(features, np.float32) if features is not None else None
+    if f is None or f.shape != (n, config.feature_dim):
+        raise ValueError(f"side features must be [{n}, {config.feature_dim}] (clips, feature_dim), got "
+                         f"{None if f is None else f.shape}")
+    check_finite(f, name="side features")
+    return f
 
 
 def make_predict(switch: Switch, *, batch_size: int = 32, sample_rate: int | None = None
@@ -260,9 +306,10 @@ def make_predict(switch: Switch, *, batch_size: int = 32, sample_rate: int | Non
     """
     graphdef, state = nnx.split(_eval_copy(switch))
 
-    def predict(waveforms) -> np.ndarray:
+    def predict(waveforms, features=None) -> np.ndarray:
         x = _as_batch(waveforms, switch.config, sample_rate)
-        return _run_batched(_probabilities, graphdef, state, x, batch_size)
+        return _run_batched(_probabilities, graphdef, state, x, batch_size,
+                            features=_as_features(features, switch.config, len(x)))
 
     return predict
 
@@ -274,14 +321,15 @@ def _probability_program(graphdef: nnx.GraphDef, mesh):
 
     @partial(jax.jit, out_shardings=batch_sharding(mesh))
     def probabilities(state, batch):
-        return jax.nn.sigmoid(nnx.merge(graphdef, state)(batch["waveform"]))
+        return jax.nn.sigmoid(nnx.merge(graphdef, state)(batch["waveform"], batch.get("switch_features")))
 
     return probabilities
 
 
 def probability_scorer(switch: Switch, mesh):
     """`compute(placed batch, static) -> prob [B]` of the switch in eval mode on `batch["waveform"]`
-    (16 kHz, the backbone's rate), for `scoring.score_split` on every host."""
+    (16 kHz, the backbone's rate) and `batch["switch_features"]` when it takes side features, for
+    `scoring.score_split` on every host."""
     from distill_jax import sharding
 
     graphdef, state = nnx.split(sharding.shard_model(_eval_copy(switch), mesh))
@@ -302,7 +350,7 @@ def switch_objective(pos_weight: float):
     switch's logit on `batch["waveform"]` against `batch["switch_label"]`."""
 
     def loss_fn(model, batch, static):
-        logits = model(batch["waveform"])
+        logits = model(batch["waveform"], batch.get("switch_features"))
         logits = logits[:, 0] if logits.ndim == 2 else logits
         return bce_loss(logits, batch["switch_label"], pos_weight), {}
 
@@ -331,7 +379,7 @@ def prepare_training(config: SwitchConfig, backbone: Cnn14 | None = None):
 
 
 def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, *, process_index: int = 0,
-                  process_count: int = 1):
+                  process_count: int = 1, features: np.ndarray | None = None):
     """This host's part of each global batch of in-memory clips: a fresh permutation of all clips
     per epoch (seeded), the last batch of an epoch wrapping around (fixed shapes); every host holds
     all clips and takes rows [i * B/N, (i + 1) * B/N) of each batch, so N hosts train on the
@@ -344,26 +392,33 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, *, p
         perm = order.permutation(len(x))
         for index, _ in _batches(len(x), batch_size):
             rows = perm[index][process_index * local:(process_index + 1) * local]
-            yield {"waveform": x[rows], "switch_label": y[rows], "clip_id": np.asarray([str(i) for i in rows])}
+            batch = {"waveform": x[rows], "switch_label": y[rows], "clip_id": np.asarray([str(i) for i in rows])}
+            if features is not None:
+                batch["switch_features"] = features[rows]
+            yield batch
 
 
 def fit(config: SwitchConfig, x, y, *, mesh, backbone: Cnn14 | None = None, sample_rate: int | None = None,
-        log: Callable[[str], None] | None = None) -> tuple[Switch, dict[str, Any]]:
+        features=None, log: Callable[[str], None] | None = None) -> tuple[Switch, dict[str, Any]]:
     """Train a switch through the trainer (`train.loop`) on every host's copy of the clips `x`
-    and their 0/1 labels; returns (switch in eval mode, {pos_weight, loss per epoch})."""
+    (and their side `features` when config.feature_dim > 0) and their 0/1 labels; returns
+    (switch in eval mode, {pos_weight, loss per epoch})."""
     from distill_jax import sharding
     from distill_jax.train import loop
 
     x = _as_batch(x, config, sample_rate)
     y = _column("labels", y, len(x)).astype(np.int32)
+    features = _as_features(features, config, len(x))
     balancing = imbalance_weight(y)  # also checks the labels are 0/1 with both classes present
     pos_weight = config.pos_weight if config.pos_weight is not None else balancing
     switch, trained, mutable, optimizer = prepare_training(config, backbone)
+    if features is not None:
+        switch.set_feature_stats(features)
     sharding.shard_model(switch, mesh)
     per_epoch = -(-len(x) // config.batch_size)
     history = []
     batches = array_batches(x, y, config.batch_size, config.seed, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(), features=features)
     switch = loop.train(switch, switch_objective(pos_weight), batches, optimizer=optimizer,
                         loop=loop.LoopConfig(steps=config.epochs * per_epoch, log_every=per_epoch,
                                              max_nonfinite_steps=config.max_nonfinite_steps), mesh=mesh,
@@ -414,7 +469,7 @@ def save_switch(switch: Switch, directory) -> str:
 
     directory = multihost.path(directory)
     multihost.write_json(directory / "switch_config.json", switch.config.to_dict(), indent=1, sort_keys=True)
-    weights = nnx.to_pure_dict(nnx.state(switch, (nnx.Param, nnx.BatchStat)))
+    weights = nnx.to_pure_dict(nnx.state(switch, (nnx.Param, nnx.BatchStat)))  # FeatureStat is a BatchStat
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "state", weights, force=True)
     return str(directory)
