@@ -143,9 +143,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "audio_visual" (+ the visual model's pooled vision-tower embedding of the clip, frozen) or
     # "confidence" (+ both models' letter-distribution features: max probability, margin, entropy,
     # agreement). `variants`: the ablations, trained, labelled and distilled ("learned_<inputs>") in the
-    # same run beside `inputs`, compared in results.json's analysis.switch_variants.
+    # same run beside `inputs`, compared in results.json's analysis.switch_variants (tiny: none, for CI
+    # time; tests/test_cloud_paths.py runs the tiny study with both).
     c.switch.inputs = "audio"
-    c.switch.variants = ("audio_visual", "confidence")
+    c.switch.variants = () if tiny else ("audio_visual", "confidence")
     c.switch.finetune = "full"
     # Class-level labels (the paper's "classes predicted as more challenging to the student").
     # Measured on seed 0 of the default world, on test: class-level 0.992 (always-majority 0.562),

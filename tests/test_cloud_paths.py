@@ -1,12 +1,14 @@
 """Workdirs on cloud storage: the tiny study runs into a `gs://` workdir, served offline by a fake
 bucket behind etils.epath (every epath call on gs:// goes to a local directory), and the code that
 handles workdir paths uses epath, never os.path or open."""
+import base64
 import json
 import os
 import pathlib
 import re
 from unittest import mock
 
+import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
@@ -84,10 +86,12 @@ def test_tiny_study_into_a_gs_workdir(fake_bucket, tiny_run):
 def _tiny_study_into_a_gs_workdir(fake_bucket, tiny_run):
     config = toy.get_config("tiny=1")
     config.distill.modes = ("learned",)
+    config.switch.variants = ("audio_visual", "confidence")  # the switch variants ride along (CI time)
     main.run(config, "gs://bucket/run")
     run = fake_bucket / "bucket" / "run"
     results = json.loads((run / "results.json").read_text())
     assert "student distilled (learned)" in results["accuracy"]
+    _switch_variants_are_what_their_records_say(run, results)
     for rel in ("results.md", "findings.png", "seed_0/models/audio/model.safetensors", "seed_0/switch/model",
                 "seed_0/labels/learned.jsonl", "seed_0/eval/student_learned/test.jsonl",
                 "seed_0/distill/learned/adapter/adapter_model.safetensors", "seed_0/distill/learned/logs/metrics.jsonl"):
@@ -107,3 +111,46 @@ def _tiny_study_into_a_gs_workdir(fake_bucket, tiny_run):
     for rel in ("eval/audio/test.jsonl", "eval/visual/test.jsonl", "switch/metrics.json", "labels/learned.jsonl",
                 "eval/student_learned/test.jsonl", "distill/learned/batches.jsonl"):
         assert (run / "seed_0" / rel).read_text() == (pathlib.Path(tiny_run) / "seed_0" / rel).read_text(), rel
+
+
+def _switch_variants_are_what_their_records_say(run, results):
+    """Each switch variant: its switch's metrics, its own labels (closed where its probability is at
+    least the threshold), its distilled student, compared in analysis.switch_variants; the
+    audio_visual switch's side features are the visual tower's mean output per clip."""
+    import jax
+
+    from distill_jax.stages.common import Study
+    from distill_jax.stages.evaluate import read_records
+
+    seed = run / "seed_0"
+    correct = lambda name: [r["predicted"] == r["answer"] for r in read_records(seed / "eval" / name / "test.jsonl")]  # noqa: E731
+    variants = results["analysis"]["switch_variants"]
+    assert list(variants) == ["audio", "audio_visual", "confidence"]
+    for inputs, row in variants.items():
+        directory = seed / "switch" if inputs == "audio" else seed / "switch" / "variants" / inputs
+        metrics = json.loads((directory / "metrics.json").read_text())
+        assert metrics["inputs"] == inputs and row["accuracy"]["mean"] == metrics["eval"]["accuracy"]
+        assert row["majority_baseline"]["mean"] == metrics["eval"]["majority_baseline"]
+        mode = "learned" if inputs == "audio" else f"learned_{inputs}"
+        vs = row["distilled_vs_original"]
+        assert (vs["a"], vs["b"]) == (np.mean(correct(f"student_{mode}")), np.mean(correct("audio")))
+        assert vs["ci95"][0] <= vs["diff"] <= vs["ci95"][1]
+        if inputs != "audio":
+            assert row["distilled_vs_main_switch"]["b"] == np.mean(correct("student_learned"))
+            probs = {r["clip_id"]: r["prob"] for r in read_records(seed / "labels" / f"switch_{inputs}-train.jsonl")}
+            labels = read_records(seed / "labels" / f"{mode}.jsonl")
+            assert [r["switch_closed"] for r in labels] == [probs[r["clip_id"]] >= 0.5 for r in labels]
+    assert "## Switch variants" in (run / "results.md").read_text()
+
+    seed_config = toy.get_config("tiny=1")
+    seed_config.seed = 0  # as main.run sets it for seed 0
+    study = Study(seed_config, "gs://bucket/run/seed_0", mesh=None)
+    stored = {r["clip_id"]: r["embedding"] for r in read_records(seed / "switch" / "visual_embedding" / "analysis.jsonl")}
+    model = study.load_model("visual")
+    batch = next(iter(study.dataset("visual", "analysis", batch_size=4)))
+    grid = tuple(int(v) for v in batch["video_grid_thw"][0])
+    pixels = batch["pixel_values_videos"]
+    tokens = model.visual(jax.numpy.asarray(pixels.reshape(-1, pixels.shape[-1])), (grid,) * len(pixels))
+    pooled = np.asarray(tokens).reshape(len(pixels), -1, tokens.shape[-1]).mean(1)
+    for clip_id, vector in zip(batch["clip_id"], pooled):
+        np.testing.assert_allclose(np.frombuffer(base64.b64decode(stored[str(clip_id)]), "<f4"), vector, atol=1e-5)

@@ -50,8 +50,7 @@ def test_every_stage_writes_outputs_that_parse(tiny_run):
     results = json.load(open(os.path.join(tiny_run, "results.json")))
     assert set(results["accuracy"]) == {"student (original)", "teacher", "student distilled (learned)",
                                         "student distilled (always)", "student distilled (never)",
-                                        "student distilled (oracle)", "student distilled (learned_audio_visual)",
-                                        "student distilled (learned_confidence)"}
+                                        "student distilled (oracle)"}
     manifest = json.load(open(os.path.join(seed, SEED_OUTPUTS[0])))
     # The unseen classes come through the AudioSet converter, from the toy world's AudioSet-format files.
     unseen = json.load(open(os.path.join(seed, "data", "tfrecords", "toy_world_unseen.manifest.json")))

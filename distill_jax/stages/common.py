@@ -17,8 +17,11 @@ Layout of one seed's workdir:
                           tokenizer_omni/ with config.warm_start.audio_visual (a tiny Qwen2.5-Omni)
     eval/{name}/{split}.jsonl   per-clip letter scores (name: audio, visual, student_<mode>,
                           audio_visual_<condition>: the audio-visual model on audio, video, audio_video)
-    switch/               the trained switch, its probabilities on its splits, its metrics
+    switch/               the trained switch, its probabilities on its splits, its metrics;
+                          variants/<inputs>/ the same for each config.switch.variants switch, and
+                          visual_embedding/<split>.jsonl (the audio_visual switch's pooled vision embeddings)
     labels/               train-split scores of both models, switch probabilities, labels per mode
+                          (learned_<inputs>: a switch variant's)
     distill/<mode>/       orbax checkpoints, metrics.jsonl + TensorBoard events, PEFT adapter
     results.json          this seed's tables (the run's report pools the seeds one level up)
 The run's workdir (above the seeds) also holds data_errors.jsonl: every record skipped with
