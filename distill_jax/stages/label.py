@@ -113,20 +113,20 @@ def run(study) -> None:
         records[modality] = read_records(path)
     from distill_jax.stages.switch import switch_inputs, variant_mode
 
-    probs = {}
+    probs = {}  # mode -> its switch's probabilities; the control modes record the main switch's
     if "learned" in study.config.distill.modes:
         for inputs in switch_inputs(study):
             mode = variant_mode(study, inputs)
             name = "switch" if mode == "learned" else f"switch_{inputs}"
-            if not labels_path(study, mode).exists():
+            if mode == "learned" or not labels_path(study, mode).exists():
                 probs[mode] = switch_probabilities(study, split, study.path("labels", f"{name}-{split}.jsonl"), inputs)
     for mode in distill_modes(study):
         path = labels_path(study, mode)
         if path.exists():
             print(f"label: {path} exists, skipped")
             continue
-        labels = make_labels(records[study.teacher], records[study.student], mode=mode, switch_probs=probs.get(mode),
-                             threshold=study.config.switch.threshold)
+        labels = make_labels(records[study.teacher], records[study.student], mode=mode,
+                             switch_probs=probs.get(mode, probs.get("learned")), threshold=study.config.switch.threshold)
         write_records(path, labels)
         closed = np.mean([r["switch_closed"] for r in labels])
         print(f"label: {mode}: teacher used on {100 * closed:.1f}% of {len(labels)} {split} clips", flush=True)
