@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from common import (add_language_model_args, append_result, machine, median_ms, print_table,  # noqa: E402
                     time_steps, versions)
 from data_pipelines import transforms  # noqa: E402
+from data_pipelines.pipeline import PadBatch  # noqa: E402
 from data_pipelines.audio import SAMPLE_RATE  # noqa: E402
 from data_pipelines.questions import QuestionMaker  # noqa: E402
 from distill_jax import prompts  # noqa: E402
@@ -142,9 +143,9 @@ def make_inputs(args, tokenizer_dir):
             ex.update(frames=rng.randint(0, 256, (args.frames, height, width, 3), dtype=np.uint8), fps=FPS)
     outs = [transform(ex) for ex in examples]
     lengths = [len(o["input_ids"]) for o in outs]
-    ids, mask = prompts.left_pad([o["input_ids"] for o in outs], transform.tokenizer.pad_token_id)
-    batch = {k: np.stack([o[k] for o in outs]) for k in outs[0] if k != "input_ids"}
-    batch.update(input_ids=ids, attention_mask=mask)
+    # The pipeline's batching: prompts (and Qwen2-VL's M-RoPE positions) left-padded to the longest.
+    batch = PadBatch(transform.padding((max(lengths),)))(outs)
+    ids = batch["input_ids"]
     if args.model == "audio":
         ours = batch
         hf_outs = [hf_transform(ex) for ex in examples]

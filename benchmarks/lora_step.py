@@ -6,6 +6,10 @@ One step = forward + backward + AdamW update of the LoRA parameters only. --loss
 way, then the letter columns). --loss=lm is next-token cross-entropy over every position and
 the whole vocabulary. Both sides start from the same random Qwen2 weights (ours loaded from
 the HF model through our converter). --remat sets our decoder layers' remat policy.
+--attention=repeat_kv measures a layout question (issue 18): our decoder's attention with the
+key/value heads repeated to the query heads before `jax.nn.dot_product_attention` (the layout
+HF's SDPA path uses), instead of the grouped [B, kv_heads, T, groups, T] scores XLA builds for
+grouped-query attention. The same math; a measurement only, the models are not changed.
 
     python benchmarks/lora_step.py                      # small config, runs on 2 CPU cores
     python benchmarks/lora_step.py --hidden=512 --layers=8 --seq=256
@@ -48,6 +52,7 @@ def parse_args():
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--loss", choices=["distill", "lm"], default="distill")
     p.add_argument("--remat", choices=["none", "dots", "full"], default="none")
+    p.add_argument("--attention", choices=["grouped", "repeat_kv"], default="grouped")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.jsonl")
     return p.parse_args()
 
@@ -96,7 +101,21 @@ def torch_step_fn(hf_model, args, ids, mask):
     return step, sum(p.numel() for p in params)
 
 
+def use_repeated_kv_heads() -> None:
+    """Our decoder's attention with K/V repeated to the query heads (--attention=repeat_kv)."""
+    from distill_jax.layers import attention as attention_lib
+    from distill_jax.models import qwen2
+
+    def attention(query, key, value, mask, **kw):
+        repeats = query.shape[2] // key.shape[2]
+        return attention_lib.attention(query, jnp.repeat(key, repeats, 2), jnp.repeat(value, repeats, 2), mask, **kw)
+
+    qwen2.attention = attention
+
+
 def jax_step_fn(path, args, ids, mask):
+    if args.attention == "repeat_kv":
+        use_repeated_kv_heads()
     model = load_hf(path, remat=args.remat)
     lora.apply_lora(model, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank), rngs=nnx.Rngs(0))
     graphdef, lora_params, frozen = nnx.split(model, nnx.LoRAParam, ...)
@@ -153,7 +172,7 @@ def main():
         ("distill_jax (jit)", f"{jax_ms:.1f}", f"{tokens / jax_ms * 1000:.0f}", f"{compile_s:.1f}"),
         ("HF + peft (eager)", f"{torch_ms:.1f}", f"{tokens / torch_ms * 1000:.0f}", "-"),
     ]
-    print(f"LoRA step ({args.loss} loss, our remat {args.remat}): hidden {args.hidden}, {args.layers} layers, "
+    print(f"LoRA step ({args.loss} loss, our remat {args.remat}, attention {args.attention}): hidden {args.hidden}, {args.layers} layers, "
           f"batch {args.batch} x {args.seq} tokens, "
           f"rank {args.rank} ({jax_lora:,} LoRA parameters)")
     print_table(rows, ("implementation", "median step ms", "tokens/s", "first call s"))

@@ -155,7 +155,7 @@ def test_side_features_teach_the_switch_what_the_audio_cannot_and_are_kept_with_
     y = (rng.rand(n + held_out) < 0.3).astype(np.int32)
     features = np.stack([100 + 50 * (y + 0.3 * rng.randn(y.size)), 100 + 50 * rng.randn(y.size),
                          rng.randn(y.size)], 1).astype(np.float32)
-    config = sw.SwitchConfig(backbone=TINY, finetune="head", epochs=30, batch_size=16, learning_rate=1e-2)
+    config = sw.SwitchConfig(backbone=TINY, finetune="head", epochs=12, batch_size=16, learning_rate=3e-2)
     _, audio_only = sw.train_switch(config, waves[:n], y[:n], eval_waveforms=waves[n:], eval_labels=y[n:])
     with_features = dataclasses.replace(config, feature_dim=3)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])

@@ -126,7 +126,8 @@ def run(study) -> None:
             print(f"label: {path} exists, skipped")
             continue
         labels = make_labels(records[study.teacher], records[study.student], mode=mode,
-                             switch_probs=probs.get(mode, probs.get("learned")), threshold=study.config.switch.threshold)
+                             switch_probs=probs.get(mode, probs.get("learned")),
+                             threshold=study.config.switch.threshold)
         write_records(path, labels)
         closed = np.mean([r["switch_closed"] for r in labels])
         print(f"label: {mode}: teacher used on {100 * closed:.1f}% of {len(labels)} {split} clips", flush=True)

@@ -429,8 +429,9 @@ def switch_variants_section(variants: dict | None) -> list[str]:
              "diff [95 % CI], McNemar p | vs the main switch's student |", "|---|---|---|---|---|---|"]
     for inputs, row in variants.items():
         vs = row["distilled_vs_original"]
+        main = fmt(row["distilled_vs_main_switch"]) if "distilled_vs_main_switch" in row else "(main)"
         lines.append(f"| {inputs} | {_mean_sd(row['accuracy'])} | {_mean_sd(row['majority_baseline'])} | "
-                     f"{_pct(vs['a'])} | {fmt(vs)} | {fmt(row.get('distilled_vs_main_switch')) if 'distilled_vs_main_switch' in row else '(main)'} |")
+                     f"{_pct(vs['a'])} | {fmt(vs)} | {main} |")
     return lines + ["", "Accuracies in %, the students' pooled over seeds; a difference whose CI spans 0 is not a "
                         "finding."]
 

@@ -81,7 +81,7 @@ def _encode(vector: np.ndarray) -> str:
 
 def visual_embeddings(study, split: str) -> dict[str, np.ndarray]:
     """{clip id: the visual model's pooled vision-tower embedding} of `split`, scored once on every
-    host into switch/visual_embedding/<split>.jsonl (float32, base64: 14 KB a clip at 7B width)."""
+    host into switch/visual_embedding/<split>.jsonl (float32 in base64: 19 KB a clip at 7B width, 3584)."""
     path = study.path("switch", "visual_embedding", f"{split}.jsonl")
     if not path.exists():
         model = study.load_model("visual")
