@@ -68,6 +68,10 @@ def test_every_stage_writes_outputs_that_parse(tiny_run):
     metrics = [json.loads(line) for line in open(os.path.join(seed, "distill", "learned", "logs", "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and np.isfinite(metrics[-1]["loss"])
     assert json.load(open(os.path.join(seed, "models", "audio", "config.json")))["model_type"] == "qwen2_audio"
+    report = open(os.path.join(tiny_run, "results.md")).read()  # shows every plot the report wrote
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sorted(linked) == sorted(["findings.png", "per_class_accuracy.png", "modality_gap.png",
+                                     "gap_models_vs_humans.png", "gap_by_class.png"])
 
 
 def test_the_analysis_puts_models_beside_simulated_humans(tiny_run):

@@ -368,6 +368,8 @@ def markdown(results: dict) -> str:
              "(clips resampled within each seed) and the exact McNemar p-value. A \"better\" finding holds when "
              f"a − b > 0 with p < 0.05; distilled_keeps_student_strong holds when the CI's lower bound is above "
              f"−{100 * results['non_inferiority_margin']:.0f} points. Per seed: a − b of each seed.", ""]
+    if any(f["diff"] is not None for f in results["findings"]):
+        lines += ["![each finding's a − b with its 95 % CI](findings.png)", ""]
     lines += ["## Accuracy (%)" + (", mean ± sd over seeds" if len(seeds) > 1 else ""), "",
               "| model | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for label, per_split in results["accuracy"].items():
@@ -407,7 +409,8 @@ def markdown(results: dict) -> str:
     if results.get("modality_gap"):
         lines += ["", f"## Modality gap, {results['modality_gap']['split']} (%)" +
                   (", mean over seeds" if len(seeds) > 1 else ""), "",
-                  markdown_table(results["modality_gap"]["rows"], ["class", "audio", "visual", "difference"])]
+                  markdown_table(results["modality_gap"]["rows"], ["class", "audio", "visual", "difference"]),
+                  "", "![visual − audio accuracy per class](modality_gap.png)"]
     lines += data_errors_section(results)
     if results.get("timings_s"):
         lines += ["", "Stage wall times (s): " + "; ".join(
@@ -473,6 +476,9 @@ def analysis_section(a: dict | None) -> list[str]:
                   f"{'; '.join(a['strongest']['humans']['visual'])}. Most auditory for the models: "
                   f"{'; '.join(a['strongest']['models']['audio'])}; for humans: "
                   f"{'; '.join(a['strongest']['humans']['audio'])}."]
+    if a.get("gaps"):
+        lines += ["", "![sensory gap per class, models vs humans](gap_models_vs_humans.png)", "",
+                  "![per-class gaps sorted by the humans' gap](gap_by_class.png)"]
     for side in ("models", "humans"):
         pairs = [f"{cond}: " + ", ".join(f"{p['true']} → {p['chosen']} ({p['count']})" for p in rows[:3])
                  for cond, rows in a["confusions"][side].items() if rows]
@@ -515,7 +521,7 @@ def per_class_section(results: dict) -> list[str]:
             cell = results["per_class"][label][split].get(name)
             cells.append(_pct(cell and cell["mean"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", f"![accuracy per class on {split}](per_class_accuracy.png)"]
 
 
 def _save(fig, out_dir, name: str) -> str:
