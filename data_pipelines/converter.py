@@ -8,8 +8,8 @@ options, what was written, what was skipped and why, and which clips are silent)
 after the shard itself, so a rerun skips every shard that has one; a rerun with other decode
 options is refused, naming them. The manifest `{name}.manifest.json` holds the class list,
 per-split files and counts (clips, skipped, silent, and clips per class: `class_counts`, which the
-study reads to tell the classes it distils on from unseen ones), the report of every skipped clip and the list of silent ones;
-`print_report` prints it as a table.
+study reads to tell the classes it distils on from unseen ones), the report of every skipped clip
+and the list of silent ones; `print_report` prints it as a table.
 
 Decoding always runs in worker processes, so a decoder that crashes (a segfault, a killed
 worker) takes down a worker, not the run: the clips that were in flight are decoded again one

@@ -109,8 +109,6 @@ def letter_record(batch: dict, row: int, logits: np.ndarray) -> dict:
             "predicted": int(np.argmax(logits))}
 
 
-
-
 @functools.lru_cache(maxsize=4)
 def _pooled_vision_program(graphdef, mesh):
     @partial(jax.jit, static_argnums=(2,), out_shardings=batch_sharding(mesh))

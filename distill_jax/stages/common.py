@@ -74,6 +74,8 @@ def checkpoint_of(name: str) -> str:
 def condition_of(name: str) -> str | None:
     """The condition of an audio-visual records name (None for the single-modality models)."""
     return name[len(AUDIO_VISUAL) + 1:] if name.startswith(AUDIO_VISUAL + "_") else None
+
+
 def classes_with_clips(manifest: dict, split: str) -> list[str]:
     """The classes with clips in `split` (its `class_counts`; a manifest written before they were
     recorded: its whole class list)."""

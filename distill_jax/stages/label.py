@@ -4,8 +4,8 @@ original answer, the switch's probability, and whether the switch is closed (tea
 Switch modes: "learned" (the Cnn14 switch: prob >= threshold), "always" (distil every clip),
 "never" (only anti-forgetting), "oracle" (ground truth: the teacher right and the student
 wrong; toy world only, an upper bound); and "learned_<inputs>" for each switch variant
-(config.switch.variants, stages/switch.py), labelled as "learned" from that switch. `JoinTargets` joins a mode's label records to the
-distillation's input pipeline by clip id.
+(config.switch.variants, stages/switch.py), labelled as "learned" from that switch.
+`JoinTargets` joins a mode's label records to the distillation's input pipeline by clip id.
 """
 from __future__ import annotations
 

@@ -62,7 +62,6 @@ def model_names(study) -> dict[str, str]:
     """Report label -> records name (eval/<name>/<split>.jsonl) of every model of the study (the
     audio-visual reference once per condition, when the run has one)."""
     from distill_jax.stages.common import AUDIO_VISUAL, audio_visual_name
-
     from distill_jax.stages.label import distill_modes
 
     names = {ORIGINAL: study.student, TEACHER: study.teacher,
@@ -218,7 +217,7 @@ def switch_variants(studies: list, seed_results: list[dict], records: list[dict]
     if "learned" not in first.config.distill.modes:
         return None
     split = FINDINGS["distilled_beats_original"][0]
-    main = distilled(variant_mode(first, first.config.switch.inputs))
+    main = distilled("learned")  # the config.switch.inputs switch's student
     out = {}
     for inputs in switch_inputs(first):
         metrics = [switch_dir(study, inputs) / "metrics.json" for study in studies]

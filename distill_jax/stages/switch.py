@@ -71,8 +71,21 @@ def letter_records(study, name: str, split: str) -> dict[str, dict]:
     for path in (study.records_path(name, split), study.path("labels", f"{name}-{split}.jsonl")):
         if path.exists():
             return {r["clip_id"]: r for r in read_records(path)}
-    raise FileNotFoundError(f"the confidence switch needs the {name} model's letter scores on {split!r}: neither "
-                            f"{study.records_path(name, split)} nor labels/{name}-{split}.jsonl exists")
+    raise FileNotFoundError(f"{study.records_path(name, split)}: the switch needs the {name} model's answers on "
+                            f"{split!r} (add it to config.evaluate.splits and run the evaluate stage; on the "
+                            f"training split the label stage writes labels/{name}-{split}.jsonl)")
+
+
+def paired_records(study, split: str) -> tuple[list[str], list[dict], list[dict]]:
+    """(clip ids, the teacher's records, the student's records) of `split`, in the teacher's order;
+    records of different clips are an error."""
+    teacher, student = letter_records(study, study.teacher, split), letter_records(study, study.student, split)
+    clip_ids = list(teacher)
+    missing = [c for c in clip_ids if c not in student]
+    if missing or len(student) != len(clip_ids):
+        raise ValueError(f"the teacher's and the student's records of {split!r} hold different clips, "
+                         f"e.g. {missing[:5]}")
+    return clip_ids, [teacher[c] for c in clip_ids], [student[c] for c in clip_ids]
 
 
 def _encode(vector: np.ndarray) -> str:
@@ -102,12 +115,9 @@ def side_features(study, inputs: str, split: str) -> dict[str, np.ndarray] | Non
         return None
     if inputs == "audio_visual":
         return visual_embeddings(study, split)
-    teacher, student = letter_records(study, study.teacher, split), letter_records(study, study.student, split)
-    ids = sorted(teacher)
-    if sorted(student) != ids:
-        raise ValueError(f"the teacher's and the student's records of {split!r} hold different clips")
-    features = confidence_features([teacher[c]["letter_logits"] for c in ids], [student[c]["letter_logits"] for c in ids])
-    return dict(zip(ids, features))
+    clip_ids, teacher, student = paired_records(study, split)
+    features = confidence_features([r["letter_logits"] for r in teacher], [r["letter_logits"] for r in student])
+    return dict(zip(clip_ids, features))
 
 
 class JoinFeatures:
@@ -155,20 +165,7 @@ def waveforms(study, split: str) -> tuple[list[str], np.ndarray]:
 
 def answers(study, split: str) -> tuple[list[str], dict]:
     """(clip ids, truth / teacher / student answers and classes in that order) of `split`."""
-    tables = {}
-    for role, modality in (("teacher", study.teacher), ("student", study.student)):
-        path = study.records_path(modality, split)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: the switch needs the {modality} model's answers on {split!r} "
-                                    f"(add it to config.evaluate.splits and run the evaluate stage)")
-        tables[role] = {r["clip_id"]: r for r in read_records(path)}
-    clip_ids = list(tables["teacher"])
-    missing = [c for c in clip_ids if c not in tables["student"]]
-    if missing or len(tables["student"]) != len(clip_ids):
-        raise ValueError(f"the teacher's and the student's records of {split!r} hold different clips, "
-                         f"e.g. {missing[:5]}")
-    teacher = [tables["teacher"][c] for c in clip_ids]
-    student = [tables["student"][c] for c in clip_ids]
+    clip_ids, teacher, student = paired_records(study, split)
     return clip_ids, {"truth": [r["answer"] for r in teacher], "teacher_answers": [r["predicted"] for r in teacher],
                       "student_answers": [r["predicted"] for r in student], "classes": [r["label"] for r in teacher]}
 
