@@ -12,8 +12,10 @@ XLA's FLOPs include what remat recomputes, so this MFU is a hardware-FLOPs utili
     JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py
     JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py --topology=v5e-8 --program=distill --remat=none
 
---batch/--remat/--mesh/--attention override the preset (to find the limits). Each compile takes
-minutes on 2 CPU cores. Prints a table and appends a JSON line per program to results.jsonl.
+--batch/--remat/--mesh/--attention override the preset (to find the limits); `--scan=on --scan=off`
+compiles each program with its layers scanned (the default) and unrolled, for the compile-time
+ratio. An unrolled 7B compile takes minutes on 2 CPU cores. Prints a table and appends a JSON
+line per program to results.jsonl.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main():
     p.add_argument("--remat", choices=["none", "dots", "full"])
     p.add_argument("--mesh", help="DATAxFSDPxTENSOR, e.g. 1x8x1")
     p.add_argument("--attention", choices=["xla", "flash"])
+    p.add_argument("--scan", choices=["on", "off"], action="append",
+                   help="the models' layers scanned (on, the default) or unrolled; repeatable: both in one run")
     p.add_argument("--step-seconds", type=float, default=1.0, help="step time for the MFU column")
     p.add_argument("--no-record", action="store_true", help="do not append to results.jsonl")
     args = p.parse_args()
@@ -49,17 +53,17 @@ def main():
     for name in args.topology or sorted(aot.TOPOLOGIES):
         topology = aot.TOPOLOGIES[name]
         workloads = aot.workloads(paper.get_config(f"topology={name}"))
-        for program in args.program or sorted(aot.PROGRAMS):
+        for program, scan in [(p, s) for p in args.program or sorted(aot.PROGRAMS) for s in args.scan or ["on"]]:
             workload = workloads[program]
             overrides = {k: v for k, v in dict(batch_size=args.batch, remat=args.remat,
                                                attention_impl=args.attention).items() if v is not None}
             if args.mesh:
                 overrides["mesh"] = tuple(int(x) for x in args.mesh.split("x"))
-            workload = dataclasses.replace(workload, **overrides)
+            workload = dataclasses.replace(workload, **overrides, scan_layers=scan == "on")
             result = aot.PROGRAMS[program](topology, workload)
             gib = lambda b: f"{b / aot.GIB:.2f}"  # noqa: E731
             mfu = result.mfu(args.step_seconds)
-            rows.append((name, program, "x".join(map(str, workload.mesh)), workload.batch_size,
+            rows.append((name, program, scan, "x".join(map(str, workload.mesh)), workload.batch_size,
                          workload.prompt_length, workload.remat if program == "distill" else "-",
                          workload.attention_impl or "auto", gib(result.argument_bytes), gib(result.temp_bytes),
                          gib(result.output_bytes - result.alias_bytes), gib(result.peak_bytes),
@@ -78,7 +82,7 @@ def main():
                                "fits": result.fits, "flops_per_chip": result.flops,
                                "model_flops_per_chip": result.model_flops, "compile_s": result.compile_s})
     print()
-    print_table(rows, ("topology", "program", "mesh", "batch", "tokens", "remat", "attention", "args GiB",
+    print_table(rows, ("topology", "program", "scan", "mesh", "batch", "tokens", "remat", "attention", "args GiB",
                        "temps GiB", "outputs GiB", "peak GiB", "HBM GiB", "fits", "XLA TFLOP/chip", "model TFLOP/chip",
                        f"MFU @ {args.step_seconds:g} s", "s @ 50% MFU", "compile s"))
 

@@ -111,6 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The language models' attention: "xla" | "cudnn" | "flash" (Pallas, TPU; passes with a KV cache
     # run "xla"); None: by the platform ("flash" on TPU where shapes allow, else "xla").
     c.models.attention_impl = config_dict.placeholder(str)
+    # Every model's repeated layers (decoder, audio and vision towers) stacked and run by one
+    # lax.scan: one layer to compile instead of L, the same results (tests/test_scan.py). False:
+    # unrolled, as before (needed for LoRA on some layers only, or LoRA dropout).
+    c.models.scan_layers = True
 
     c.warm_start = ml_collections.ConfigDict()
     c.warm_start.split = "pretrain"

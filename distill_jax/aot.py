@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import sharding
+from distill_jax.layers.scan import with_scan_layers
 from distill_jax.models import lora
 from distill_jax.models.qwen2_audio import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -77,6 +78,7 @@ class Workload:
     video_grid: tuple[int, int, int] = (10, 26, 46)  # 20 frames of 360x640 -> 364x644: t/2, h/14, w/14
     num_letters: int = 10
     model: str = "7b"  # the model presets ("tiny": a seconds-long check of this module)
+    scan_layers: bool = True  # every part's layers stacked and run by one scan (config.models.scan_layers)
 
 
 @dataclasses.dataclass
@@ -106,9 +108,15 @@ class Compiled:
 
 
 def _matmul_params(state) -> int:
-    """Parameters that multiply every token: all but embedding and position tables."""
+    """Parameters that multiply every token: all but embedding and position tables (and norms and
+    biases, which stay vectors per layer when the layers are stacked for a scan)."""
+    def per_layer_ndim(path, x):
+        names = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
+        stacked = any(n in ("layers", "blocks") and not isinstance(after, int) for n, after in zip(names, names[1:]))
+        return x.ndim - stacked
+
     return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(state)
-               if x.ndim >= 2 and not any("embed" in str(p) for p in path))
+               if per_layer_ndim(path, x) >= 2 and not any("embed" in str(p) for p in path))
 
 
 def transformer_flops(params: int, positions: int, *, layers: int, context: int, width: int, train: bool) -> float:
@@ -172,7 +180,8 @@ def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
     text_options = dict(remat=workload.remat, attention_impl=workload.attention_impl)
     config = Qwen2AudioConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, **text_options))
+    config = with_scan_layers(dataclasses.replace(config, text=dataclasses.replace(config.text, **text_options)),
+                              workload.scan_layers)
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=100, total_steps=5000))
     graphdefs = []
 
@@ -219,6 +228,7 @@ def _letter_score(model_cls, config, topology: Topology, workload: Workload, med
     video grid per clip; (lowered, abstract params, start time)."""
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
+    config = with_scan_layers(config, workload.scan_layers)
     start = time.perf_counter()
     graphdef, params = nnx.split(sharding.abstract_model(lambda: model_cls(config, rngs=nnx.Rngs(0))))
     b, t = workload.batch_size, workload.prompt_length
@@ -306,7 +316,7 @@ def workloads(config) -> dict[str, Workload]:
     video_tokens = math.prod(Workload.video_grid) // 4
     bucket = lambda n: next(b for b in buckets if b >= n)  # noqa: E731
     common = dict(mesh=mesh, attention_impl=config.models.attention_impl, lora_rank=config.distill.lora.rank,
-                  num_letters=config.data.num_options)
+                  num_letters=config.data.num_options, scan_layers=config.models.scan_layers)
     return {"distill": Workload(batch_size=config.distill.batch_size,
                                 prompt_length=bucket(audio_tokens + question_tokens), remat=config.distill.remat,
                                 **common),

@@ -113,6 +113,7 @@ def check_config(config, stages) -> None:
     errors += [_choice(config, "direction", sorted(common.ROLES)),
                _choice(config, "compute_dtype", ("float32", "bfloat16")),
                _choice(config, "models.attention_impl", IMPLEMENTATIONS, none_ok=True),
+               _choice(config, "models.scan_layers", (True, False)),
                _choice(config, "teacher", (common.AUDIO_VISUAL,), none_ok=True)]
     av = config.models.audio_visual
     conditions = tuple(av.conditions)

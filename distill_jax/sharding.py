@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "norm": None,
     "lora_rank": None,
+    "layers": None,  # the stacked axis of scanned layers (layers.scan): every device holds all layers' slices
     "positions": None,  # learned position tables (audio tower)
     "conv_width": None,
     "conv_in": None,  # conv input channels (mel bins, or d_model when the output is d_model too)

@@ -43,7 +43,7 @@ def test_bf16_checkpoint_reads_exact_values(tiny_qwen2_dir):
     weight = ckpt.get("model.layers.0.mlp.up_proj.weight")
     assert weight.dtype == jnp.bfloat16
     model = load_hf(path, dtype=jnp.bfloat16)
-    kernel = model.model.layers[0].mlp.up_proj.kernel[...]
+    kernel = model.model.layers.mlp.up_proj.kernel[...][0]  # layer 0 of the stacked layers
     assert kernel.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(kernel, np.float32), np.asarray(weight, np.float32).T)
     assert np.isfinite(_logits(model, IDS)).all()

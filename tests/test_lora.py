@@ -36,7 +36,9 @@ def test_targets_and_fresh_adapter_is_identity():
     ids, mask = _inputs(256)
     before = np.asarray(model(input_ids=ids, attention_mask=mask))
     lora.apply_lora(model, lora.LoraConfig(rank=4, target_modules=("q", "v", "down")), rngs=nnx.Rngs(1))
-    names = sorted(path for path, _ in lora.lora_layers(model))
+    assert sorted(path for path, _ in lora.lora_layers(model)) == [  # each stacked over the 2 scanned layers
+        "model.layers.mlp.down_proj", "model.layers.self_attn.q_proj", "model.layers.self_attn.v_proj"]
+    names = sorted(name for path, linear in lora.lora_layers(model) for name in lora.layer_names(path, linear))
     assert names == sorted(f"model.layers.{i}.{m}" for i in range(2)
                            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
     np.testing.assert_array_equal(np.asarray(model(input_ids=ids, attention_mask=mask)), before)
@@ -50,7 +52,7 @@ def test_merged_equals_unmerged():
     lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
     _randomize_adapters(model)
     ids, mask = _inputs(256)
-    kernel_before = np.asarray(model.model.layers[0].mlp.up_proj.kernel[...])
+    kernel_before = np.asarray(model.model.layers.mlp.up_proj.kernel[...])
     unmerged = np.asarray(model(input_ids=ids, attention_mask=mask))
     lora.merge_lora(model)
     merged = np.asarray(model(input_ids=ids, attention_mask=mask))
@@ -58,7 +60,7 @@ def test_merged_equals_unmerged():
     again = np.asarray(model(input_ids=ids, attention_mask=mask))
     assert np.abs(merged - unmerged).max() <= 1e-5
     assert np.abs(again - unmerged).max() <= 1e-5
-    np.testing.assert_allclose(model.model.layers[0].mlp.up_proj.kernel[...], kernel_before, atol=1e-6)
+    np.testing.assert_allclose(model.model.layers.mlp.up_proj.kernel[...], kernel_before, atol=1e-6)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -112,11 +114,16 @@ def test_optimizer_step_changes_only_lora_parameters():
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
         np.testing.assert_array_equal(a, b)
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(lora_before), jax.tree.leaves(lora_after))]
-    assert all(changed) and len(changed) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    assert all(changed) and len(changed) == 2 * 7  # A and B of 7 projections, each stacked over the 2 layers
+    assert all(np.abs(a[i] - b[i]).max() > 0 for a, b in zip(jax.tree.leaves(lora_before),
+                                                               jax.tree.leaves(lora_after)) for i in range(2))
 
 
 def test_lora_dropout_only_in_training():
-    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="LoRA dropout on scanned layers"):
+        lora.apply_lora(Qwen2ForCausalLM(Qwen2Config.preset("tiny"), rngs=nnx.Rngs(0)),
+                        lora.LoraConfig(rank=4, dropout=0.5), rngs=nnx.Rngs(1))
+    model = Qwen2ForCausalLM(Qwen2Config.preset("tiny", scan_layers=False), rngs=nnx.Rngs(0))
     lora.apply_lora(model, lora.LoraConfig(rank=4, dropout=0.5), rngs=nnx.Rngs(1))
     _randomize_adapters(model)
     ids, _ = _inputs(256)
@@ -133,7 +140,11 @@ def test_export_peft_of_adapters_under_a_prefix(tiny_qwen2_dir, tmp_path):
     import peft
 
     path, hf = tiny_qwen2_dir(seed=5)
-    model = load_hf(path)
+    with pytest.raises(ValueError, match=r"under='model.layers.1' selects some layers of the scanned \(stacked\) "
+                                         r"model.layers.mlp.up_proj"):
+        lora.apply_lora(load_hf(path), lora.LoraConfig(target_modules=("up",), under="model.layers.1"),
+                        rngs=nnx.Rngs(1))
+    model = load_hf(path, scan_layers=False)  # one layer's adapters: the layers unrolled
     lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0, target_modules=("q", "up"), under="model.layers.1"),
                     rngs=nnx.Rngs(1))
     assert sorted(p for p, _ in lora.lora_layers(model)) == ["model.layers.1.mlp.up_proj",

@@ -23,9 +23,9 @@ def test_7b_parameter_count_from_eval_shape():
     shapes = jax.tree.leaves(nnx.state(model, nnx.Param))
     # Qwen2-7B's published size (hidden 3584, 28 layers, 28 heads, 4 kv heads, intermediate 18944).
     assert sum(int(np.prod(p.shape)) for p in shapes) == 7_615_616_512
-    q = model.model.layers[0].self_attn.q_proj.kernel
-    k = model.model.layers[0].self_attn.k_proj.kernel
-    assert q.shape == (3584, 3584) and k.shape == (3584, 512)
+    q = model.model.layers.self_attn.q_proj.kernel  # the 28 layers stacked for the scan
+    k = model.model.layers.self_attn.k_proj.kernel
+    assert q.shape == (28, 3584, 3584) and k.shape == (28, 3584, 512)
 
 
 def test_from_hf_fills_hf_defaults_like_transformers():

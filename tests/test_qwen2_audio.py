@@ -62,7 +62,7 @@ def test_sharded_forward_equals_unsharded(tiny_qwen2_audio_dir):
     path, _ = tiny_qwen2_audio_dir
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     plain, sharded = load_hf(path), load_hf(path, mesh=mesh)
-    assert sharded.audio_tower.layers[0].fc1.kernel[...].sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert sharded.audio_tower.layers.fc1.kernel[...].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     ids, mask, features, feature_mask = _audio_batch()
     window = short_clip_frames(feature_mask)
     inputs = dict(input_ids=ids, attention_mask=mask, input_features=features[..., :window],

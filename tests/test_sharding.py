@@ -28,10 +28,11 @@ def test_every_parameter_has_a_rule_including_lora():
     lora.apply_lora(model, lora.LoraConfig(rank=4), rngs=nnx.Rngs(1))
     specs = sharding.param_partition_specs(nnx.state(model))
     flat = dict(nnx.to_flat_state(specs))
-    assert flat[("model", "layers", 0, "self_attn", "q_proj", "kernel")] == PartitionSpec("fsdp", "tensor")
-    assert flat[("model", "layers", 0, "mlp", "down_proj", "kernel")] == PartitionSpec("tensor", "fsdp")
+    # the stacked layer axis of the scanned layers is never sharded
+    assert flat[("model", "layers", "self_attn", "q_proj", "kernel")] == PartitionSpec(None, "fsdp", "tensor")
+    assert flat[("model", "layers", "mlp", "down_proj", "kernel")] == PartitionSpec(None, "tensor", "fsdp")
     assert flat[("model", "embed_tokens", "embedding")] == PartitionSpec("tensor", "fsdp")
-    assert flat[("model", "layers", 0, "self_attn", "q_proj", "lora", "lora_a")] == PartitionSpec("fsdp", None)
+    assert flat[("model", "layers", "self_attn", "q_proj", "lora", "lora_a")] == PartitionSpec(None, "fsdp", None)
 
 
 def test_unmatched_logical_axis_names_the_parameter():
@@ -52,8 +53,8 @@ def test_sharded_forward_equals_unsharded(tiny_qwen2_dir):
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     plain = load_hf(path)
     sharded = load_hf(path, mesh=mesh)
-    kernel = sharded.model.layers[0].mlp.gate_proj.kernel[...]
-    assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+    kernel = sharded.model.layers.mlp.gate_proj.kernel[...]
+    assert kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     assert len({s.device for s in kernel.addressable_shards}) == 8
     rng = np.random.RandomState(0)
     ids = rng.randint(0, 128, (8, 12))
@@ -75,8 +76,8 @@ def test_create_sharded_places_parameters_by_the_rules():
     config = Qwen2Config.preset("tiny")
     model = sharding.create_sharded(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
     reference = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
-    up = model.model.layers[1].mlp.up_proj.kernel[...]
-    assert up.sharding.spec == PartitionSpec("fsdp", "tensor")
+    up = model.model.layers.mlp.up_proj.kernel[...]
+    assert up.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     # jit and eager initialisers round the last bit differently.
-    np.testing.assert_allclose(np.asarray(up), np.asarray(reference.model.layers[1].mlp.up_proj.kernel[...]),
+    np.testing.assert_allclose(np.asarray(up), np.asarray(reference.model.layers.mlp.up_proj.kernel[...]),
                                rtol=1e-6)

@@ -76,7 +76,7 @@ def test_sharded_train_step_equals_single_device():
             state, metrics = step(state, frozen, placed)
         results.append((state, frozen, metrics))
     (single, _, single_metrics), (out, frozen, metrics) = results
-    assert frozen["model"]["layers"][0]["mlp"]["up_proj"]["kernel"][...].sharding.spec == jax.P("fsdp", "tensor")
+    assert frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"][...].sharding.spec == jax.P(None, "fsdp", "tensor")
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(out["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -103,8 +103,13 @@ def test_gradient_accumulation_equals_one_big_batch():
                                                                        jax.tree.leaves(initial))]
     assert min(moved) > 1e-5 and max(moved) > 1e-2, moved  # every LoRA factor moved (B first, then A)
     for a, b, start in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state1["params"]),
-                           jax.tree.leaves(initial)):  # the updates agree to float32 rounding of the weights
-        np.testing.assert_allclose(np.asarray(a) - start, np.asarray(b) - start, rtol=1e-4, atol=1e-7)
+                           jax.tree.leaves(initial)):
+        # The updates agree to float32 rounding: of the weights (1e-7), and of the summed gradients, whose
+        # per-token terms are as large as the leaf's largest update (1e-5 of it; the scanned layers'
+        # backward sums them in another order than the unrolled one did).
+        update = np.asarray(b) - start
+        np.testing.assert_allclose(np.asarray(a) - start, update, rtol=1e-4,
+                                   atol=1e-7 + 1e-5 * np.abs(update).max())
 
 
 def test_a_non_finite_step_is_not_applied():

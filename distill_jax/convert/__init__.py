@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, LoadReport, load_state
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.pann import load_pann  # PANN Cnn14 .pth / safetensors -> models.cnn14.Cnn14
+from distill_jax.layers.scan import is_stacked, unrolled_path, with_scan_layers
 from distill_jax.models import qwen2, qwen2_5_omni, qwen2_audio, qwen2_vl
 from distill_jax.sharding import abstract_model
 
@@ -174,11 +175,12 @@ def with_language_model_options(config, **options):
 
 
 def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: str = "none",
-            attention_impl: str | None = None) -> nnx.Module:
+            attention_impl: str | None = None, scan_layers: bool = True) -> nnx.Module:
     """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`.
 
     `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
-    layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla". `path` may
+    layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla". `scan_layers`:
+    every part's layers stacked and run by one scan (layers.scan), or unrolled. `path` may
     be a hub id ("Qwen/Qwen2-Audio-7B-Instruct"), fetched into the Hugging Face cache (hub.py).
     Checkpoint parts the model does not use (the full Qwen2.5-Omni's talker and token2wav) are
     skipped and logged with their tensor counts (a `LoadReport`).
@@ -190,6 +192,7 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
     family = family_of(hf_config)
     config = with_language_model_options(family.config_from_hf(hf_config, dtype), remat=remat,
                                          attention_impl=attention_impl)
+    config = with_scan_layers(config, scan_layers)
     ckpt = SafetensorsCheckpoint(path)
     if family is FAMILIES["qwen2_audio"] and config.text.tie_word_embeddings and _AUDIO_LM_HEAD in ckpt \
             and not np.array_equal(ckpt.get(_AUDIO_LM_HEAD), ckpt.get(_AUDIO_EMBED)):
@@ -223,8 +226,12 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
     for key_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, nnx.LoRAParam):
             continue
-        key, fn = key_map.checkpoint_key(".".join(str(p) for p in key_path))
-        tensors[key] = np.ascontiguousarray(fn(np.asarray(multihost.to_host(var.get_value()), np.float32)))
+        name, value = ".".join(str(p) for p in key_path), np.asarray(multihost.to_host(var.get_value()), np.float32)
+        # a stacked parameter of scanned layers is written as one tensor per layer, as checkpoints hold it
+        for name, value in ([(unrolled_path(name, i), v) for i, v in enumerate(value)] if is_stacked(var)
+                            else [(name, value)]):
+            key, fn = key_map.checkpoint_key(name)
+            tensors[key] = np.ascontiguousarray(fn(value))
     if isinstance(model, qwen2_audio.Qwen2AudioForConditionalGeneration) and model.config.text.tie_word_embeddings:
         tensors[_AUDIO_LM_HEAD] = tensors[_AUDIO_EMBED]  # transformers' Qwen2-Audio never ties: it needs the copy
     out = multihost.path(path)

@@ -4,7 +4,8 @@ A `KeyMap` says, for every parameter path of our model, which checkpoint key(s)
 may hold it and which per-tensor transform turns the tensor into our layout.
 `load_state` fills an abstract model's state tensor by tensor, each straight
 into its sharded place (`jax.make_array_from_callback`, each device reading its slice), and
-refuses a checkpoint whose keys do not match ours one to one.
+refuses a checkpoint whose keys do not match ours one to one. A stacked parameter of
+scanned layers (layers.scan) is read from its layers' tensors, each checked on its own.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from distill_jax import sharding as sharding_lib
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
+from distill_jax.layers.scan import is_stacked, unrolled_path
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -169,23 +171,32 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
             raise ValueError(f"{name}: load the base model before applying LoRA")
         if not isinstance(var, nnx.Param):
             raise CheckpointMismatchError(f"{name}: non-parameter state {type(var).__name__} has no checkpoint rule")
-        keys, fn = key_map.candidates(name)
-        key = next((k for k in keys if k in ckpt), None)
-        if key is None:
-            missing.append(f"{keys[0]} (for {name})")
-            continue
-        used.add(key)
-        expected = tuple(var.get_value().shape)
-        got = tuple(fn(np.broadcast_to(np.zeros((), np.uint8), ckpt.shape(key))).shape)
-        if got != expected:
-            mismatched.append(f"{key}: checkpoint shape {ckpt.shape(key)} -> {got}, model {name} expects {expected}")
-            continue
-        stored, wanted = ckpt.tensors[key].dtype, var.get_value().dtype
-        if _kind(stored) != _kind(wanted):  # casting bool/int values into float weights would be silently wrong
-            mismatched.append(f"{key}: checkpoint dtype {stored} ({_kind(stored)}), model {name} expects "
-                              f"{np.dtype(wanted)} ({_kind(wanted)})")
-            continue
-        plan.append((path, var, key, fn))
+        shape = tuple(var.get_value().shape)
+        # A stacked (scanned) parameter is one checkpoint tensor per layer; each is checked on its own.
+        layers = [(unrolled_path(name, i), shape[1:]) for i in range(shape[0])] if is_stacked(var) \
+            else [(name, shape)]
+        keys, problems = [], 0
+        for layer_name, expected in layers:
+            candidates, fn = key_map.candidates(layer_name)
+            key = next((k for k in candidates if k in ckpt), None)
+            if key is None:
+                missing.append(f"{candidates[0]} (for {layer_name})")
+                problems += 1
+                continue
+            used.add(key)
+            keys.append(key)
+            got = tuple(fn(np.broadcast_to(np.zeros((), np.uint8), ckpt.shape(key))).shape)
+            stored, wanted = ckpt.tensors[key].dtype, var.get_value().dtype
+            if got != expected:
+                mismatched.append(f"{key}: checkpoint shape {ckpt.shape(key)} -> {got}, model {layer_name} expects "
+                                  f"{expected}")
+                problems += 1
+            elif _kind(stored) != _kind(wanted):  # bool/int values cast into float weights would be silently wrong
+                mismatched.append(f"{key}: checkpoint dtype {stored} ({_kind(stored)}), model {layer_name} expects "
+                                  f"{np.dtype(wanted)} ({_kind(wanted)})")
+                problems += 1
+        if not problems:
+            plan.append((path, var, keys, fn, is_stacked(var)))
     skipped: dict[str, int] = {}
     unexpected = []
     for k in ckpt.keys():
@@ -203,23 +214,29 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
     spec_of = dict(nnx.to_flat_state(specs)) if specs is not None else {}
     device = jax.local_devices()[0]
     filled = []
-    total = sum(ckpt.nbytes(key) for _, _, key, _ in plan)
+    total = sum(ckpt.nbytes(key) for _, _, keys, _, _ in plan for key in keys)
     progress = tqdm.tqdm(total=total, unit="B", unit_scale=True, leave=False, desc=f"loading {len(plan)} tensors",
                          disable=total < (1 << 30) or jax.process_index() > 0)  # shown for checkpoints over 1 GiB
-    for path, var, key, fn in plan:
+    for path, var, keys, fn, stacked in plan:
         shape = tuple(var.get_value().shape)
         target = NamedSharding(mesh, spec_of[path]) if mesh is not None else SingleDeviceSharding(device)
 
-        def read(index, key=key, fn=fn):
+        def read_one(key, index, fn):
             if fn is identity:  # the shard's slice alone is read
                 return ckpt.read(key, index).astype(dtype)
             if fn is transpose:
                 return np.ascontiguousarray(ckpt.read(key, index[::-1]).T).astype(dtype)
             return np.ascontiguousarray(fn(ckpt.get(key))[index]).astype(dtype)  # small reshaped tensors
 
+        def read(index, keys=keys, fn=fn, stacked=stacked):
+            if not stacked:
+                return read_one(keys[0], index, fn)
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            return np.stack([read_one(keys[i], index[1:], fn) for i in range(len(keys))[index[0]]])
+
         array = jax.make_array_from_callback(shape, target, read)
         filled.append((path, var.replace(array)))
-        progress.update(ckpt.nbytes(key))
+        progress.update(sum(ckpt.nbytes(key) for key in keys))
         progress.set_postfix_str(f"{len(filled)}/{len(plan)} tensors", refresh=False)
     progress.close()
     if report is not None:

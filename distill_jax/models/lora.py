@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill_jax.layers.linear import Linear, param
+from distill_jax.layers.linear import Linear
+from distill_jax.layers.scan import LAYER_AXIS, is_stacked, unrolled_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -60,21 +61,34 @@ def _kaiming_uniform_a_sqrt5(key, shape, dtype):
 
 
 class LoRA(nnx.Module):
-    """The low-rank update of one Linear: (alpha/r) * dropout(x) @ lora_a @ lora_b."""
+    """The low-rank update of one Linear: (alpha/r) * dropout(x) @ lora_a @ lora_b.
 
-    def __init__(self, linear: Linear, config: LoraConfig, *, rngs: nnx.Rngs):
+    `keys`: one (A, B) key pair, or one per layer for a Linear of stacked (scanned) layers,
+    whose adapters are stacked on the same leading "layers" axis.
+    """
+
+    def __init__(self, linear: Linear, config: LoraConfig, *, keys: list[tuple[jax.Array, jax.Array]],
+                 rngs: nnx.Rngs):
         dtype = jnp.dtype(config.param_dtype)
         in_axis, out_axis = linear.axes
-        self.lora_a = param(_kaiming_uniform_a_sqrt5, rngs.params(), (linear.in_features, config.rank), dtype,
-                            (in_axis, "lora_rank"), kind=nnx.LoRAParam)
-        self.lora_b = param(nnx.initializers.zeros, rngs.params(), (config.rank, linear.out_features), dtype,
-                            ("lora_rank", out_axis), kind=nnx.LoRAParam)
+        a_shape, b_shape = (linear.in_features, config.rank), (config.rank, linear.out_features)
+        a = [_kaiming_uniform_a_sqrt5(key_a, a_shape, dtype) for key_a, _ in keys]
+        b = [nnx.initializers.zeros(key_b, b_shape, dtype) for _, key_b in keys]
+        layer_axis = ()
+        if is_stacked(linear.kernel):
+            a, b, layer_axis = jnp.stack(a), jnp.stack(b), (LAYER_AXIS,)
+        else:
+            (a,), (b,) = a, b
+        self.lora_a = nnx.LoRAParam(a, out_sharding=layer_axis + (in_axis, "lora_rank"), eager_sharding=False)
+        self.lora_b = nnx.LoRAParam(b, out_sharding=layer_axis + ("lora_rank", out_axis), eager_sharding=False)
         self.scaling = config.scaling
+        if config.dropout > 0 and layer_axis:
+            raise NotImplementedError("LoRA dropout on scanned layers (set models.scan_layers=False, or dropout=0)")
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
         self.merged = False
 
     def delta(self) -> jax.Array:
-        """The dense update (alpha/r) A B, [in, out]."""
+        """The dense update (alpha/r) A B, [in, out] (per layer, [L, in, out], when stacked)."""
         return (self.lora_a[...] @ self.lora_b[...]) * self.scaling
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,27 +98,60 @@ class LoRA(nnx.Module):
 
 
 def lora_layers(model: nnx.Module):
-    """(path, Linear) for every Linear that carries an adapter."""
+    """(path, Linear) for every Linear that carries an adapter (a stacked Linear once)."""
     for path, module in nnx.iter_modules(model):
         if isinstance(module, Linear) and module.lora is not None:
             yield ".".join(str(p) for p in path), module
 
 
+def layer_names(path: str, linear: Linear) -> list[str]:
+    """The per-layer module names of `path` (checkpoints' and PEFT's): itself, or each layer's
+    (`model.layers.3.mlp.up_proj`) for a Linear of stacked layers."""
+    if not is_stacked(linear.kernel):
+        return [path]
+    return [unrolled_path(path, i) for i in range(linear.kernel[...].shape[0])]
+
+
+def _unrolled_order(path: tuple, index: int | None) -> tuple:
+    """`path` as the unrolled model's traversal visits it: block `index`'s number after `layers`/`blocks`."""
+    if index is None:
+        return path
+    at = next(i for i, p in enumerate(path) if p in ("layers", "blocks"))
+    return path[:at + 1] + (index,) + path[at + 1:]
+
+
 def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Attach adapters in place to the target Linears of `model`; returns `model`."""
+    """Attach adapters in place to the target Linears of `model`; returns `model`.
+
+    Keys are drawn in the order an unrolled model visits its Linears (layer 0's projections,
+    then layer 1's, ...), so one seed gives the same adapters whether the layers are scanned or not.
+    """
     under = lora_scope(model, config)
-    found = []
+    targets = []
     for path, module in list(nnx.iter_modules(model)):
         name = ".".join(str(p) for p in path)
-        if isinstance(module, Linear) and path and path[-1] in config.target_modules \
-                and name.startswith(under):
+        if not (isinstance(module, Linear) and path and path[-1] in config.target_modules):
+            continue
+        chosen = [n.startswith(under) for n in layer_names(name, module)]
+        if any(chosen) and not all(chosen):
+            raise ValueError(f"under={under!r} selects some layers of the scanned (stacked) {name}: adapters "
+                             "go on all of its layers or none (load the model with scan_layers=False)")
+        if all(chosen):
             if module.lora is not None:
                 raise ValueError(f"{name} already has a LoRA adapter")
-            module.lora = LoRA(module, config, rngs=rngs)
-            found.append(name)
-    if not found:
+            targets.append((path, module))
+    if not targets:
         raise ValueError(f"no Linear named one of {config.target_modules} under {under!r} in "
                          f"{type(model).__name__}")
+    slots = []
+    for t, (path, module) in enumerate(targets):
+        layers = module.kernel[...].shape[0] if is_stacked(module.kernel) else None
+        slots += [(_unrolled_order(path, i), t) for i in (range(layers) if layers else [None])]
+    keys = {t: [] for t in range(len(targets))}
+    for _, t in sorted(slots, key=lambda slot: slot[0]):
+        keys[t].append((rngs.params(), rngs.params()))
+    for t, (_, module) in enumerate(targets):
+        module.lora = LoRA(module, config, keys=keys[t], rngs=rngs)
     model.lora_config = config
     return model
 
@@ -136,8 +183,9 @@ def _peft_target_regex(model: nnx.Module, key_map, adapted: list[str]) -> str:
     Layer indices are generalised (`layers\\.\\d+\\.`) when that still selects exactly them;
     otherwise the names are listed one by one.
     """
-    candidates = [key_map.peft_module(".".join(str(p) for p in path))
-                  for path, module in nnx.iter_modules(model) if isinstance(module, Linear) and path]
+    candidates = [key_map.peft_module(name) for path, module in nnx.iter_modules(model)
+                  if isinstance(module, Linear) and path
+                  for name in layer_names(".".join(str(p) for p in path), module)]
     patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in adapted})
     compact = "^(?:" + "|".join(patterns) + ")$"
     if sorted(n for n in candidates if re.fullmatch(compact, n)) == sorted(adapted):
@@ -164,13 +212,17 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
     for path, linear in lora_layers(model):
         if linear.lora.merged:
             raise ValueError(f"{path}: unmerge LoRA before exporting the adapter")
-        hf_module = key_map.peft_module(path)
-        module_names.append(hf_module)
-        prefix = f"base_model.model.{hf_module}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(multihost.to_host(linear.lora.lora_a[...]), np.float32).T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(multihost.to_host(linear.lora.lora_b[...]), np.float32).T)
+        lora_a = np.asarray(multihost.to_host(linear.lora.lora_a[...]), np.float32)
+        lora_b = np.asarray(multihost.to_host(linear.lora.lora_b[...]), np.float32)
+        names = layer_names(path, linear)
+        if not is_stacked(linear.kernel):
+            lora_a, lora_b = lora_a[None], lora_b[None]
+        for name, a, b in zip(names, lora_a, lora_b):  # one adapter per layer of a stacked Linear
+            hf_module = key_map.peft_module(name)
+            module_names.append(hf_module)
+            prefix = f"base_model.model.{hf_module}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T)
     if lora_scope(model, config):
         target_modules = _peft_target_regex(model, key_map, module_names)
     else:

@@ -17,6 +17,7 @@ from distill_jax.layers.attention import attention, causal_padding_mask, check_i
 from distill_jax.layers.linear import Embed, Linear
 from distill_jax.layers.norms import RMSNorm
 from distill_jax.layers.rope import apply_rope, rope_angles, rope_cos_sin
+from distill_jax.layers.scan import scan_layers, stack_layers
 from distill_jax.sharding import constrain
 
 # Hugging Face's Qwen2Config defaults: published configs omit keys that take them
@@ -63,6 +64,7 @@ class Qwen2Config:
     param_dtype: str = "float32"
     attention_impl: str | None = None  # layers.attention.IMPLEMENTATIONS; None = chosen by backend
     remat: str = "none"  # REMAT_POLICIES: what the backward pass keeps of each decoder layer
+    scan_layers: bool = True  # layers stacked and run by one lax.scan (layers.scan): one layer to compile
 
     def __post_init__(self):
         check_implementation(self.attention_impl)
@@ -145,15 +147,18 @@ class Qwen2Config:
 
 
 def init_cache(config: Qwen2Config, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty KV cache: per layer k/v [B, S, K, H], which slots hold real tokens, next slot."""
+    """An empty KV cache: k/v [B, S, K, H] per layer (one [L, B, S, K, H] pair when the layers are
+    scanned), which slots hold real tokens, next slot."""
     dtype = dtype or config.dtype
     shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-    return {
-        "index": jnp.zeros((), jnp.int32),
-        "key_valid": jnp.zeros((batch_size, max_length), jnp.bool_),
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                   for _ in range(config.num_hidden_layers)],
-    }
+    if config.scan_layers:
+        layers = {"k": jnp.zeros((config.num_hidden_layers, *shape), dtype),
+                  "v": jnp.zeros((config.num_hidden_layers, *shape), dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                  for _ in range(config.num_hidden_layers)]
+    return {"index": jnp.zeros((), jnp.int32), "key_valid": jnp.zeros((batch_size, max_length), jnp.bool_),
+            "layers": layers}
 
 
 class Qwen2Attention(nnx.Module):
@@ -249,7 +254,8 @@ class Qwen2Model(nnx.Module):
         self.config = config
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=jnp.dtype(config.dtype),
                                   param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
-        self.layers = nnx.List([Qwen2DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        layers = [Qwen2DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        self.layers = stack_layers(layers) if config.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                             param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
 
@@ -279,6 +285,8 @@ class Qwen2Model(nnx.Module):
         cos, sin = rope_cos_sin(rope_angles(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section),
                                 x.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
+        if cfg.scan_layers:
+            return self._scanned(x, cos, sin, mask, key_valid, cache, index, t)
         if cache is None and cfg.remat != "none":
             for layer in self.layers:
                 x = remat_layer(layer, REMAT_POLICIES[cfg.remat], x, cos, sin, mask, key_valid)
@@ -292,6 +300,23 @@ class Qwen2Model(nnx.Module):
         if cache is None:
             return x
         return x, {**cache, "index": index + t, "key_valid": key_valid, "layers": new_layers}
+
+    def _scanned(self, x, cos, sin, mask, key_valid, cache, index, t):
+        """The decoder layers as one scan; a cache's stacked k/v are scanned along with them."""
+        cfg = self.config
+        if cache is None:
+            def body(layer, x, _):
+                return layer(x, cos, sin, mask, None, 0, key_valid)[0], None
+
+            x, _ = scan_layers(self.layers, body, x, remat=cfg.remat != "none",
+                               remat_policy=REMAT_POLICIES[cfg.remat])
+            return self.norm(x)
+
+        def cached(layer, x, layer_cache):
+            return layer(x, cos, sin, mask, layer_cache, index, None)
+
+        x, new_layers = scan_layers(self.layers, cached, x, cache["layers"])
+        return self.norm(x), {**cache, "index": index + t, "key_valid": key_valid, "layers": new_layers}
 
 
 class Qwen2ForCausalLM(nnx.Module):

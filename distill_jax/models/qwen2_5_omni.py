@@ -33,9 +33,11 @@ from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Conv1d, Embed, Linear
 from distill_jax.layers.norms import LayerNorm, RMSNorm
 from distill_jax.layers.rope import apply_rope, rope_cos_sin
+from distill_jax.layers.scan import scan_layers, stack_layers
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, init_cache
-from distill_jax.models.qwen2_audio import (Qwen2AudioEncoderConfig, Qwen2AudioEncoderLayer, check_audio_tokens,
-                                            feature_lengths, is_concrete, merge_audio_embeddings)
+from distill_jax.models.qwen2_audio import (Qwen2AudioEncoderConfig, check_audio_tokens, encoder_layers,
+                                            feature_lengths, is_concrete, merge_audio_embeddings,
+                                            run_encoder_layers)
 from distill_jax.models.qwen2_vl import (PatchEmbed, PatchMerger, as_grids, frame_segments, merge_vision_embeddings,
                                          patch_angles, segment_layout)
 from distill_jax.sharding import constrain
@@ -93,6 +95,7 @@ class OmniVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    scan_layers: bool = True  # the blocks stacked and run by one lax.scan, full or window attention per block
 
     def __post_init__(self):
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
@@ -348,7 +351,7 @@ class OmniAudioEncoder(nnx.Module):
         self.conv2 = Conv1d(d, d, kernel_size=3, stride=2, padding=1, **conv)
         self.audio_bos_eos_token = Embed(2, config.output_dim, dtype=dt, param_dtype=pd,
                                          axes=("vocab", "embed"), rngs=rngs)  # in checkpoints; the thinker never reads it
-        self.layers = nnx.List([Qwen2AudioEncoderLayer(config, rngs=rngs) for _ in range(config.encoder_layers)])
+        self.layers = encoder_layers(config, rngs)
         self.ln_post = LayerNorm(d, param_dtype=pd, rngs=rngs)
         self.proj = Linear(d, config.output_dim, axes=("audio_embed", "embed"), use_bias=True, dtype=dt,
                            param_dtype=pd, rngs=rngs)
@@ -373,8 +376,7 @@ class OmniAudioEncoder(nnx.Module):
         after_conv = (window_lengths - 1) // 2 + 1
         mask = (jnp.arange(cfg.n_window)[None, :] < after_conv[:, None])[:, None, None, :]
         x = constrain(x, ("batch", "length", "act_embed"))
-        for layer in self.layers:
-            x = layer(x, mask)
+        x = run_encoder_layers(self.layers, x, mask, cfg.scan_layers)
         x = x.reshape(b, windows * cfg.n_window // 2, 2, -1).mean(axis=2)
         return self.proj(self.ln_post(x))
 
@@ -461,6 +463,13 @@ class OmniVisionBlock(nnx.Module):
         x = x + self.attn(self.norm1(x), layout)
         return x + self.mlp(self.norm2(x))
 
+    def either(self, x, full: jax.Array, frames: SegmentLayout, windows: SegmentLayout):
+        """The block with full attention (per frame) where `full`, else windowed: one body for a scan
+        over blocks of both kinds (the attention alone is under `lax.cond`)."""
+        h = self.norm1(x)
+        x = x + jax.lax.cond(full, lambda: self.attn(h, frames), lambda: self.attn(h, windows))
+        return x + self.mlp(self.norm2(x))
+
 
 class OmniVisionEncoder(nnx.Module):
     """= Qwen2_5OmniVisionEncoder: packed patches [N, patch_dim] + grids -> merged [N / 4, out_hidden_size]."""
@@ -468,7 +477,8 @@ class OmniVisionEncoder(nnx.Module):
     def __init__(self, config: OmniVisionConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.patch_embed = PatchEmbed(config, rngs=rngs)
-        self.blocks = nnx.List([OmniVisionBlock(config, rngs=rngs) for _ in range(config.depth)])
+        blocks = [OmniVisionBlock(config, rngs=rngs) for _ in range(config.depth)]
+        self.blocks = stack_layers(blocks) if config.scan_layers else nnx.List(blocks)
         # = Qwen2_5OmniPatchMerger: Qwen2-VL's with RMSNorm, to out_hidden_size
         self.merger = PatchMerger(config, out_features=config.out_hidden_size, norm=RMSNorm, rngs=rngs)
 
@@ -479,6 +489,10 @@ class OmniVisionEncoder(nnx.Module):
         frames = SegmentLayout(frame_segments(grids), angles)
         windows = SegmentLayout(window_segments(grids, cfg.spatial_merge_size, cfg.window_merge_units), angles)
         x = self.patch_embed(pixel_values)
+        if cfg.scan_layers:
+            full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+            x, _ = scan_layers(self.blocks, lambda block, x, f: (block.either(x, f, frames, windows), None), x, full)
+            return self.merger(x)
         for i, block in enumerate(self.blocks):
             x = block(x, frames if i in cfg.fullatt_block_indexes else windows)
         return self.merger(x)

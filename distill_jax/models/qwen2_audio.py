@@ -24,6 +24,7 @@ from data_pipelines.audio import FRAMES_PER_TOKEN, MAX_FRAMES, num_audio_tokens,
 from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Conv1d, Embed, Linear
 from distill_jax.layers.norms import LayerNorm
+from distill_jax.layers.scan import scan_layers, stack_layers
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from distill_jax.sharding import constrain
 
@@ -46,6 +47,7 @@ class Qwen2AudioEncoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    scan_layers: bool = True  # the layers stacked and run by one lax.scan (layers.scan)
 
     def __post_init__(self):
         if self.d_model % self.encoder_attention_heads:
@@ -66,7 +68,8 @@ class Qwen2AudioEncoderConfig:
             raise ValueError(f"audio tower activation_function must be 'gelu', got {d['activation_function']!r}")
         if d["scale_embedding"]:
             raise NotImplementedError("audio tower scale_embedding=true is not supported")
-        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype", "attention_impl")]
+        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype", "attention_impl",
+                                                                       "scan_layers")]
         return cls(**{**{k: d[k] for k in keys}, **overrides})
 
     def to_hf(self) -> dict[str, Any]:
@@ -168,6 +171,21 @@ class Qwen2AudioEncoderLayer(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed"))
 
 
+def encoder_layers(config: Qwen2AudioEncoderConfig, rngs: nnx.Rngs):
+    """The tower's `encoder_layers` layers: stacked for one scan, or a list."""
+    layers = [Qwen2AudioEncoderLayer(config, rngs=rngs) for _ in range(config.encoder_layers)]
+    return stack_layers(layers) if config.scan_layers else nnx.List(layers)
+
+
+def run_encoder_layers(layers, x, mask, scanned: bool):
+    """x through every encoder layer (one scan over the stacked layers, or a loop)."""
+    if scanned:
+        return scan_layers(layers, lambda layer, x, _: (layer(x, mask), None), x)[0]
+    for layer in layers:
+        x = layer(x, mask)
+    return x
+
+
 class Qwen2AudioEncoder(nnx.Module):
     """= Qwen2AudioEncoder: conv1 + GELU, conv2 (stride 2) + GELU, positions, layers, avg-pool 2, LayerNorm."""
 
@@ -180,7 +198,7 @@ class Qwen2AudioEncoder(nnx.Module):
                             dtype=dt, param_dtype=pd, rngs=rngs)
         self.embed_positions = Embed(config.max_source_positions, d, dtype=dt, param_dtype=pd,
                                      axes=("positions", "embed"), rngs=rngs)
-        self.layers = nnx.List([Qwen2AudioEncoderLayer(config, rngs=rngs) for _ in range(config.encoder_layers)])
+        self.layers = encoder_layers(config, rngs)
         self.layer_norm = LayerNorm(d, param_dtype=pd, rngs=rngs)
 
     def __call__(self, input_features: jax.Array, feature_attention_mask: jax.Array) -> jax.Array:
@@ -198,8 +216,7 @@ class Qwen2AudioEncoder(nnx.Module):
         key_valid = jnp.arange(t)[None, :] < after_conv[:, None]
         mask = key_valid[:, None, None, :]
         x = constrain(x, ("batch", "length", "act_embed"))
-        for layer in self.layers:
-            x = layer(x, mask)
+        x = run_encoder_layers(self.layers, x, mask, self.config.scan_layers)
         b, _, d = x.shape
         x = x.reshape(b, t // 2, 2, d).mean(axis=2)
         return self.layer_norm(x)

@@ -25,6 +25,7 @@ from distill_jax.layers.attention import attention
 from distill_jax.layers.linear import Linear
 from distill_jax.layers.norms import LayerNorm
 from distill_jax.layers.rope import apply_rope, inv_frequencies, rope_cos_sin
+from distill_jax.layers.scan import scan_layers, stack_layers
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from distill_jax.sharding import constrain
 
@@ -54,6 +55,7 @@ class Qwen2VLVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    scan_layers: bool = True  # the blocks stacked and run by one lax.scan (layers.scan)
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
@@ -357,7 +359,8 @@ class Qwen2VisionTransformer(nnx.Module):
     def __init__(self, config: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.patch_embed = PatchEmbed(config, rngs=rngs)
-        self.blocks = nnx.List([Qwen2VLVisionBlock(config, rngs=rngs) for _ in range(config.depth)])
+        blocks = [Qwen2VLVisionBlock(config, rngs=rngs) for _ in range(config.depth)]
+        self.blocks = stack_layers(blocks) if config.scan_layers else nnx.List(blocks)
         self.merger = PatchMerger(config, rngs=rngs)
 
     def __call__(self, pixel_values, grid_thw):
@@ -367,8 +370,11 @@ class Qwen2VisionTransformer(nnx.Module):
         cos, sin = rope_cos_sin(jnp.asarray(angles[gather], jnp.float32), jnp.float32)
         mask = jnp.asarray(valid)[:, None, None, :]
         x = self.patch_embed(pixel_values)[jnp.asarray(gather)]  # [S, L, D]
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
+        if cfg.scan_layers:
+            x, _ = scan_layers(self.blocks, lambda block, x, _: (block(x, cos, sin, mask), None), x)
+        else:
+            for block in self.blocks:
+                x = block(x, cos, sin, mask)
         x = x.reshape(-1, x.shape[-1])[jnp.asarray(scatter)]
         return self.merger(x)
 

@@ -335,5 +335,6 @@ class Study:
         """`modality`'s model; `remat` for a model that will be trained (config.distill.remat)."""
         from distill_jax.convert import load_hf
 
-        return load_hf(multihost.local(self.model_dir(modality)), dtype=self.config.compute_dtype, mesh=self.mesh, remat=remat,
-                       attention_impl=self.config.models.attention_impl)
+        return load_hf(multihost.local(self.model_dir(modality)), dtype=self.config.compute_dtype, mesh=self.mesh,
+                       remat=remat, attention_impl=self.config.models.attention_impl,
+                       scan_layers=self.config.models.scan_layers)

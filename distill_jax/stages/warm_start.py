@@ -23,6 +23,7 @@ from flax import nnx
 from data_pipelines.questions import clip_rng
 from distill_jax import multihost, prompts, sharding
 from distill_jax.convert import save_hf
+from distill_jax.layers.scan import with_scan_layers
 from distill_jax.models.qwen2 import Qwen2Config
 from distill_jax.models.qwen2_audio import (Qwen2AudioConfig, Qwen2AudioEncoderConfig,
                                             Qwen2AudioForConditionalGeneration)
@@ -85,11 +86,13 @@ def omni_tokenizer_dir(study, sizes):
     return path
 
 
-def toy_model(modality: str, sizes, tokenizer, *, max_seconds: float, seed: int):
-    """A randomly initialised tiny model of `modality`'s architecture for `tokenizer`."""
+def toy_model(modality: str, sizes, tokenizer, *, max_seconds: float, seed: int, scan_layers: bool = True):
+    """A randomly initialised tiny model of `modality`'s architecture for `tokenizer` (the same
+    weights for a seed whether its layers are scanned or not)."""
     ids = tokenizer.convert_tokens_to_ids
     if modality == AUDIO_VISUAL:
-        return Qwen2_5OmniThinker(toy_omni_config(sizes, tokenizer), rngs=nnx.Rngs(seed))
+        config = with_scan_layers(toy_omni_config(sizes, tokenizer), scan_layers)
+        return Qwen2_5OmniThinker(config, rngs=nnx.Rngs(seed))
     if modality == "audio":
         config = Qwen2AudioConfig(
             audio=Qwen2AudioEncoderConfig(num_mel_bins=128, encoder_layers=sizes.tower_layers,
@@ -97,14 +100,14 @@ def toy_model(modality: str, sizes, tokenizer, *, max_seconds: float, seed: int)
                                           encoder_ffn_dim=2 * sizes.tower_dim, d_model=sizes.tower_dim,
                                           max_source_positions=int(np.ceil(max_seconds * 100 / 2))),
             text=_text_config(sizes, tokenizer), audio_token_index=ids(prompts.AUDIO_TOKEN))
-        return Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(seed))
+        return Qwen2AudioForConditionalGeneration(with_scan_layers(config, scan_layers), rngs=nnx.Rngs(seed))
     config = Qwen2VLConfig(
         vision=Qwen2VLVisionConfig(depth=sizes.tower_layers, embed_dim=sizes.tower_dim,
                                    hidden_size=sizes.hidden_size, mlp_ratio=2, num_heads=sizes.tower_heads),
         text=_text_config(sizes, tokenizer, mrope_section=_mrope_section(sizes)),
         image_token_id=ids(prompts.IMAGE_TOKEN), video_token_id=ids(prompts.VIDEO_TOKEN),
         vision_start_token_id=ids(prompts.VISION_START), vision_end_token_id=ids(prompts.VISION_END))
-    return Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
+    return Qwen2VLForConditionalGeneration(with_scan_layers(config, scan_layers), rngs=nnx.Rngs(seed))
 
 
 def scrambled_groups(study, modality: str) -> dict[int, tuple[int, ...]]:
@@ -151,7 +154,7 @@ def train_modality(study, modality: str):
     tokenizer_dir = omni_tokenizer_dir(study, run) if modality == AUDIO_VISUAL else study.path("tokenizer")
     tokenizer = prompts.load_tokenizer(multihost.local(tokenizer_dir))
     model = toy_model(modality, run, tokenizer, max_seconds=config.data.max_seconds,
-                      seed=config.seed + WARM_STARTED.index(modality))
+                      seed=config.seed + WARM_STARTED.index(modality), scan_layers=config.models.scan_layers)
     sharding.shard_model(model, study.mesh)
     letters = prompts.letter_token_ids(tokenizer, prompts.LETTERS[:study.num_options()])
     name = audio_visual_name("audio_video") if modality == AUDIO_VISUAL else modality  # what it is shown
