@@ -62,9 +62,8 @@ def child(args) -> None:
 
 def _headline(results: dict) -> dict:
     """The figures two runs of the same study should share: each model's test accuracy, the switch's."""
-    out = {name: round(100 * by_split["test"]["overall"], 2) for name, by_split in results["accuracy"].items()}
-    out["switch (test)"] = round(100 * results["switch"]["accuracy"]["mean"], 2) \
-        if isinstance(results["switch"]["accuracy"], dict) else results["switch"]["accuracy"]
+    out = {name: round(100 * by_split["test"]["mean"], 2) for name, by_split in results["accuracy"].items()}
+    out["switch (test)"] = round(100 * results["switch"]["accuracy"]["mean"], 2)
     return out
 
 

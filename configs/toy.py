@@ -115,6 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # lax.scan: one layer to compile instead of L, the same results (tests/test_scan.py). False:
     # unrolled, as before (needed for LoRA on some layers only, or LoRA dropout).
     c.models.scan_layers = True
+    # None | "int8": every model's Linear kernels weight-only int8 (qwix, per output channel),
+    # quantized as they load; LoRA weights and optimizer state keep their dtype. For one 16 GB
+    # chip at 7B (configs/paper.py:topology=v5e-1); quality: benchmarks/README.md, int8_quality.py.
+    c.models.quantize = config_dict.placeholder(str)
 
     c.warm_start = ml_collections.ConfigDict()
     c.warm_start.split = "pretrain"

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import sharding
+from distill_jax.layers.quantize import quantize_linears
 from distill_jax.layers.scan import with_scan_layers
 from distill_jax.models import lora
 from distill_jax.models.qwen2_audio import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
@@ -53,6 +54,7 @@ TOPOLOGIES = {
     "v4-8": Topology("v4-8", "v4:2x2x1", hbm_gib=32.0, peak_tflops=275.0,
                      options=(("chip_config_name", "megacore"),)),
     "v5p-8": Topology("v5p-8", "v5p:2x2x1", hbm_gib=95.0, peak_tflops=459.0),
+    "v5e-1": Topology("v5e-1", "v5e:1x1", hbm_gib=16.0, peak_tflops=197.0),  # one chip: Colab's TPU v5e-1
 }
 
 
@@ -79,6 +81,7 @@ class Workload:
     num_letters: int = 10
     model: str = "7b"  # the model presets ("tiny": a seconds-long check of this module)
     scan_layers: bool = True  # every part's layers stacked and run by one scan (config.models.scan_layers)
+    quantize: str | None = None  # "int8": every Linear's frozen kernel int8 (config.models.quantize)
 
 
 @dataclasses.dataclass
@@ -187,6 +190,8 @@ def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
 
     def state():
         model = Qwen2AudioForConditionalGeneration(config, rngs=nnx.Rngs(0))
+        if workload.quantize == "int8":
+            quantize_linears(model)
         lora.apply_lora(model, lora.LoraConfig(rank=workload.lora_rank, alpha=2.0 * workload.lora_rank),
                         rngs=nnx.Rngs(1))
         graphdef, params, changing, frozen = nnx.split(model, nnx.LoRAParam, nnx.Nothing, ...)
@@ -230,7 +235,10 @@ def _letter_score(model_cls, config, topology: Topology, workload: Workload, med
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
     config = with_scan_layers(config, workload.scan_layers)
     start = time.perf_counter()
-    graphdef, params = nnx.split(sharding.abstract_model(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+    abstract = sharding.abstract_model(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    if workload.quantize == "int8":
+        quantize_linears(abstract)
+    graphdef, params = nnx.split(abstract)
     b, t = workload.batch_size, workload.prompt_length
     grids = (("video_grid_thw", (workload.video_grid,) * b),)
     letters = jnp.arange(32, 32 + workload.num_letters, dtype=jnp.int32)
@@ -316,7 +324,8 @@ def workloads(config) -> dict[str, Workload]:
     video_tokens = math.prod(Workload.video_grid) // 4
     bucket = lambda n: next(b for b in buckets if b >= n)  # noqa: E731
     common = dict(mesh=mesh, attention_impl=config.models.attention_impl, lora_rank=config.distill.lora.rank,
-                  num_letters=config.data.num_options, scan_layers=config.models.scan_layers)
+                  num_letters=config.data.num_options, scan_layers=config.models.scan_layers,
+                  quantize=config.models.quantize)
     return {"distill": Workload(batch_size=config.distill.batch_size,
                                 prompt_length=bucket(audio_tokens + question_tokens), remat=config.distill.remat,
                                 **common),

@@ -100,6 +100,7 @@ def check_config(config, stages) -> None:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(common.STAGES)}")
     from data_pipelines.questions import STRATEGIES
     from distill_jax.layers.attention import IMPLEMENTATIONS
+    from distill_jax.layers.quantize import QUANTIZE
     from distill_jax.models.qwen2 import REMAT_POLICIES
     from distill_jax.stages.label import SWITCH_MODES
     from distill_jax.train import switch as switch_lib
@@ -114,6 +115,7 @@ def check_config(config, stages) -> None:
                _choice(config, "compute_dtype", ("float32", "bfloat16")),
                _choice(config, "models.attention_impl", IMPLEMENTATIONS, none_ok=True),
                _choice(config, "models.scan_layers", (True, False)),
+               _choice(config, "models.quantize", [q for q in QUANTIZE if q], none_ok=True),
                _choice(config, "teacher", (common.AUDIO_VISUAL,), none_ok=True)]
     av = config.models.audio_visual
     conditions = tuple(av.conditions)
@@ -329,7 +331,7 @@ _PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "da
 STAGE_CONFIG = {
     "prepare": ("toy", "data.manifest", "data.world.scale", "data.world.fps"),
     "warm_start": ("warm_start.split", "warm_start.weight_decay", "warm_start.models", *_PROMPT),
-    "evaluate": ("models.audio.path", "models.visual.path", "models.attention_impl", *_PROMPT),
+    "evaluate": ("models.audio.path", "models.visual.path", "models.attention_impl", "models.quantize", *_PROMPT),
     "switch": ("direction", "teacher", "switch.split", "switch.eval_split", "switch.backbone", "switch.finetune",
                "switch.label_mode", "switch.sample_rule", "switch.class_margin", "switch.threshold",
                "switch.learning_rate", "switch.batch_size", "switch.epochs", "switch.inputs", "switch.variants"),
@@ -399,8 +401,9 @@ def check_stage_configs(study, stages) -> None:
         current = stage_values(study.config, stage)
         before = recorded.get(stage)
         has_outputs = any(study.path(rel).exists() for rel in STAGE_OUTPUTS[stage])
-        if before is not None and has_outputs and before != current:
-            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+        # a key newer than the recorded values counts as unchanged while it holds its default, None
+        changed = sorted(k for k in set(before or {}) | set(current) if (before or {}).get(k) != current.get(k))
+        if before is not None and has_outputs and changed:
             detail = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed)
             names = list(STAGE_CONFIG)  # redo from the first stage whose own values changed
             first = next((s for s in names if set(changed) & set(STAGE_CONFIG[s])), names[0])

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, LoadReport, load_state
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.pann import load_pann  # PANN Cnn14 .pth / safetensors -> models.cnn14.Cnn14
+from distill_jax.layers.quantize import check_quantize, is_quantized, quantize_linears
 from distill_jax.layers.scan import is_stacked, unrolled_path, with_scan_layers
 from distill_jax.models import qwen2, qwen2_5_omni, qwen2_audio, qwen2_vl
 from distill_jax.sharding import abstract_model
@@ -175,12 +176,14 @@ def with_language_model_options(config, **options):
 
 
 def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: str = "none",
-            attention_impl: str | None = None, scan_layers: bool = True) -> nnx.Module:
+            attention_impl: str | None = None, scan_layers: bool = True, quantize: str | None = None) -> nnx.Module:
     """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`.
 
     `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
     layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla". `scan_layers`:
-    every part's layers stacked and run by one scan (layers.scan), or unrolled. `path` may
+    every part's layers stacked and run by one scan (layers.scan), or unrolled. `quantize="int8"`:
+    every Linear's kernel int8 with per-channel scales (layers.quantize), each tensor quantized on
+    its devices as it is read (embedding tables stay in `dtype`). `path` may
     be a hub id ("Qwen/Qwen2-Audio-7B-Instruct"), fetched into the Hugging Face cache (hub.py).
     Checkpoint parts the model does not use (the full Qwen2.5-Omni's talker and token2wav) are
     skipped and logged with their tensor counts (a `LoadReport`).
@@ -198,7 +201,10 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
             and not np.array_equal(ckpt.get(_AUDIO_LM_HEAD), ckpt.get(_AUDIO_EMBED)):
         # transformers' Qwen2-Audio never ties: its lm_head is the checkpoint's, whatever the config says
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
+    check_quantize(quantize)
     abstract = abstract_model(lambda: family.model_cls(config, rngs=nnx.Rngs(0)))
+    if quantize == "int8":
+        quantize_linears(abstract)
     report = LoadReport()
     model = load_state(abstract, ckpt, family.key_map(config), dtype=dtype, mesh=mesh, report=report)
     if report.skipped:
@@ -221,6 +227,8 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
 
     from distill_jax import multihost
 
+    if is_quantized(model):
+        raise ValueError("save_hf writes float checkpoints; this model's Linears are int8 (load it without quantize)")
     key_map = key_map_for(model)
     tensors = {}
     for key_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from distill_jax import sharding as sharding_lib
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
+from distill_jax.layers.quantize import quantize_kernel
 from distill_jax.layers.scan import is_stacked, unrolled_path
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -164,6 +165,8 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
     """
     graphdef, state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(state))
+    # int8 Linears (layers.quantize): their kernel is read in `dtype` and quantized on its devices
+    scale_vars = {path[:-1]: var for path, var in flat if path[-1] == "kernel_scale"}
     plan, missing, mismatched, used = [], [], [], set()
     for path, var in flat:
         name = _path_str(path)
@@ -171,6 +174,9 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
             raise ValueError(f"{name}: load the base model before applying LoRA")
         if not isinstance(var, nnx.Param):
             raise CheckpointMismatchError(f"{name}: non-parameter state {type(var).__name__} has no checkpoint rule")
+        if path[-1] == "kernel_scale":
+            continue
+        quantized = path[-1] == "kernel" and path[:-1] in scale_vars
         shape = tuple(var.get_value().shape)
         # A stacked (scanned) parameter is one checkpoint tensor per layer; each is checked on its own.
         layers = [(unrolled_path(name, i), shape[1:]) for i in range(shape[0])] if is_stacked(var) \
@@ -186,7 +192,7 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
             used.add(key)
             keys.append(key)
             got = tuple(fn(np.broadcast_to(np.zeros((), np.uint8), ckpt.shape(key))).shape)
-            stored, wanted = ckpt.tensors[key].dtype, var.get_value().dtype
+            stored, wanted = ckpt.tensors[key].dtype, dtype if quantized else var.get_value().dtype
             if got != expected:
                 mismatched.append(f"{key}: checkpoint shape {ckpt.shape(key)} -> {got}, model {layer_name} expects "
                                   f"{expected}")
@@ -196,7 +202,7 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
                                   f"{np.dtype(wanted)} ({_kind(wanted)})")
                 problems += 1
         if not problems:
-            plan.append((path, var, keys, fn, is_stacked(var)))
+            plan.append((path, var, keys, fn, is_stacked(var), quantized))
     skipped: dict[str, int] = {}
     unexpected = []
     for k in ckpt.keys():
@@ -214,12 +220,13 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
     spec_of = dict(nnx.to_flat_state(specs)) if specs is not None else {}
     device = jax.local_devices()[0]
     filled = []
-    total = sum(ckpt.nbytes(key) for _, _, keys, _, _ in plan for key in keys)
+    total = sum(ckpt.nbytes(key) for _, _, keys, _, _, _ in plan for key in keys)
     progress = tqdm.tqdm(total=total, unit="B", unit_scale=True, leave=False, desc=f"loading {len(plan)} tensors",
                          disable=total < (1 << 30) or jax.process_index() > 0)  # shown for checkpoints over 1 GiB
-    for path, var, keys, fn, stacked in plan:
+    for path, var, keys, fn, stacked, quantized in plan:
         shape = tuple(var.get_value().shape)
-        target = NamedSharding(mesh, spec_of[path]) if mesh is not None else SingleDeviceSharding(device)
+        target_of = lambda p: NamedSharding(mesh, spec_of[p]) if mesh is not None else SingleDeviceSharding(device)
+        target = target_of(path)
 
         def read_one(key, index, fn):
             if fn is identity:  # the shard's slice alone is read
@@ -235,7 +242,14 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
             return np.stack([read_one(keys[i], index[1:], fn) for i in range(len(keys))[index[0]]])
 
         array = jax.make_array_from_callback(shape, target, read)
-        filled.append((path, var.replace(array)))
+        if quantized:
+            scale_path = path[:-1] + ("kernel_scale",)
+            qvalue, scale = jax.jit(quantize_kernel, static_argnums=1,
+                                    out_shardings=(target, target_of(scale_path)))(array, stacked)
+            del array
+            filled += [(path, var.replace(qvalue)), (scale_path, scale_vars[path[:-1]].replace(scale))]
+        else:
+            filled.append((path, var.replace(array)))
         progress.update(sum(ckpt.nbytes(key) for key in keys))
         progress.set_postfix_str(f"{len(filled)}/{len(plan)} tensors", refresh=False)
     progress.close()

@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -28,7 +29,8 @@ def param(
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias) (= torch.nn.Linear); `lora` is set by `models.lora.apply_lora`."""
+    """y = x @ kernel (+ bias) (= torch.nn.Linear); `lora` is set by `models.lora.apply_lora`, and
+    `kernel_scale` by `layers.quantize.quantize_linears` (then `kernel` holds int8 values)."""
 
     def __init__(
         self,
@@ -53,13 +55,28 @@ class Linear(nnx.Module):
             else None
         )
         self.lora = nnx.data(None)
+        self.kernel_scale = nnx.data(None)
+
+    def quantized_kernel(self) -> qwix.QArray:
+        """An int8 kernel as qwix's `QArray`, one scale per output column, in the compute dtype."""
+        scale = self.kernel_scale[...][..., None, :].astype(self.dtype)
+        return qwix.QArray(qvalue=self.kernel[...], scale=scale, qtype=jnp.int8)
+
+    def dense_kernel(self) -> jax.Array:
+        """The [in, out] kernel in the compute dtype (an int8 one dequantized)."""
+        if self.kernel_scale is not None:
+            return qwix.dequantize(self.quantized_kernel())
+        return self.kernel[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # One 2-D matmul over all leading dims: the weight gradients then contract a single
         # dimension, which XLA:CPU runs ~3x faster than a contraction over [batch, length].
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        if self.kernel_scale is not None:  # int8: qwix dequantizes into the matmul
+            y = qwix.dot(x, self.quantized_kernel())
+        else:
+            y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None and not self.lora.merged:

@@ -163,7 +163,9 @@ def lora_scope(model: nnx.Module, config: LoraConfig) -> str:
 
 def merge_lora(model: nnx.Module) -> None:
     """Fold every adapter into its base kernel (W += (alpha/r) A B); adapters then stay idle."""
-    for _, linear in lora_layers(model):
+    for path, linear in lora_layers(model):
+        if linear.kernel_scale is not None:
+            raise ValueError(f"{path}: an adapter cannot be merged into an int8 kernel (models.quantize)")
         if not linear.lora.merged:
             linear.kernel[...] = (linear.kernel[...] + linear.lora.delta()).astype(linear.kernel.dtype)
             linear.lora.merged = True

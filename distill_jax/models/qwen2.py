@@ -352,7 +352,7 @@ class Qwen2ForCausalLM(nnx.Module):
         """The [D, V] output projection (the embedding table transposed when tied)."""
         if self.lm_head is None:
             return self.model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+        return self.lm_head.dense_kernel()
 
     def logits(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """Logits over the vocabulary, or over `token_ids` only (e.g. the letters A-J)."""

@@ -337,4 +337,4 @@ class Study:
 
         return load_hf(multihost.local(self.model_dir(modality)), dtype=self.config.compute_dtype, mesh=self.mesh,
                        remat=remat, attention_impl=self.config.models.attention_impl,
-                       scan_layers=self.config.models.scan_layers)
+                       scan_layers=self.config.models.scan_layers, quantize=self.config.models.quantize)
