@@ -41,6 +41,7 @@ def main():
     p.add_argument("--remat", choices=["none", "dots", "full"])
     p.add_argument("--mesh", help="DATAxFSDPxTENSOR, e.g. 1x8x1")
     p.add_argument("--attention", choices=["xla", "flash"])
+    p.add_argument("--quantize", choices=["none", "int8"], help="the frozen weights (default: the preset's)")
     p.add_argument("--scan", choices=["on", "off"], action="append",
                    help="the models' layers scanned (on, the default) or unrolled; repeatable: both in one run")
     p.add_argument("--step-seconds", type=float, default=1.0, help="step time for the MFU column")
@@ -59,11 +60,14 @@ def main():
                                                attention_impl=args.attention).items() if v is not None}
             if args.mesh:
                 overrides["mesh"] = tuple(int(x) for x in args.mesh.split("x"))
+            if args.quantize:
+                overrides["quantize"] = None if args.quantize == "none" else args.quantize
             workload = dataclasses.replace(workload, **overrides, scan_layers=scan == "on")
             result = aot.PROGRAMS[program](topology, workload)
             gib = lambda b: f"{b / aot.GIB:.2f}"  # noqa: E731
             mfu = result.mfu(args.step_seconds)
-            rows.append((name, program, scan, "x".join(map(str, workload.mesh)), workload.batch_size,
+            rows.append((name, program, scan, workload.quantize or "bf16", "x".join(map(str, workload.mesh)),
+                         workload.batch_size,
                          workload.prompt_length, workload.remat if program == "distill" else "-",
                          workload.attention_impl or "auto", gib(result.argument_bytes), gib(result.temp_bytes),
                          gib(result.output_bytes - result.alias_bytes), gib(result.peak_bytes),
@@ -82,7 +86,7 @@ def main():
                                "fits": result.fits, "flops_per_chip": result.flops,
                                "model_flops_per_chip": result.model_flops, "compile_s": result.compile_s})
     print()
-    print_table(rows, ("topology", "program", "scan", "mesh", "batch", "tokens", "remat", "attention", "args GiB",
+    print_table(rows, ("topology", "program", "scan", "weights", "mesh", "batch", "tokens", "remat", "attention", "args GiB",
                        "temps GiB", "outputs GiB", "peak GiB", "HBM GiB", "fits", "XLA TFLOP/chip", "model TFLOP/chip",
                        f"MFU @ {args.step_seconds:g} s", "s @ 50% MFU", "compile s"))
 

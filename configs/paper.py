@@ -14,9 +14,9 @@ sounded-video answers teach the student instead of the other modality's model), 
 of people's answers in the three conditions, data_pipelines/humans.py, for the report's analysis),
 unseen_manifest= (AudioSet classes unseen in VGGSound: `python -m data_pipelines.audioset`'s manifest,
 scored as the "unseen" split by every model and distilled student),
-mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device), topology=v5e-8|v4-8|v5p-8 (a
+mesh=DATAxFSDPxTENSOR (default 1x-1x1: FSDP over every device), topology=v5e-8|v4-8|v5p-8|v5e-1 (a
 preset below: mesh, batch sizes and remat whose compiled programs fit that slice's HBM,
-`benchmarks/tpu_aot.py`; it replaces mesh=).
+`benchmarks/tpu_aot.py`; it replaces mesh=; v5e-1, one 16 GB chip, also makes the weights int8).
 
 The paper's settings are the defaults: 10 shuffled options per question, LoRA rank 16 on the
 LLM's attention and MLP projections (q, k, v, o, gate, up, down), one epoch over the training
@@ -29,16 +29,21 @@ from configs import toy
 from distill_jax import prompts
 
 # Per TPU slice: what fits, from `JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py` (libtpu's compiler,
-# per-chip peak memory of the compiled Qwen2-Audio-7B distill step and Qwen2-VL-7B scoring step;
-# figures in benchmarks/README.md). distill_batch / label_batch are global batch sizes.
-# Peak per chip, distill / scoring: v5e-8 13.88 / 9.24 GiB of 16; v4-8 27.30 / 13.75 of 32; v5p-8
-# 26.98 / 13.69 of 95. No remat is needed at these batches (remat=full: 5.63 GiB on v5e-8).
+# per-chip peak memory of the compiled Qwen2-Audio-7B distill step and Qwen2-VL-7B scoring step, layers
+# scanned; figures in benchmarks/README.md). distill_batch / label_batch are global batch sizes.
+# Peak per chip, distill / scoring: v5e-8 13.91 / 6.79 GiB of 16; v4-8 26.66 / 12.99 of 32; v5p-8
+# 26.65 / 12.99 of 95. Scanned, remat "dots" needs what unrolled "none" did; "none" would not fit
+# v5e-8 (17.2 GiB of temporaries), "full" needs 4.73 GiB there.
 # audio_visual_batch: the Qwen2.5-Omni-7B sounded-video scoring batch (its evaluate and, as a teacher,
-# label batch): v5e-8 11.29 GiB of 16 per chip at 16.
+# label batch): v5e-8 7.85 GiB of 16 per chip at 16. v5e-1: distill 15.13, scoring 14.07, Omni 15.06
+# GiB of 16, int8 weights (bf16 ones alone are 16.8 GB).
 TOPOLOGY_PRESETS = {
-    "v5e-8": dict(mesh="1x8x1", distill_batch=32, remat="none", label_batch=16, audio_visual_batch=16),
-    "v4-8": dict(mesh="1x4x1", distill_batch=32, remat="none", label_batch=16, audio_visual_batch=16),
-    "v5p-8": dict(mesh="1x4x1", distill_batch=32, remat="none", label_batch=16, audio_visual_batch=16),
+    "v5e-8": dict(mesh="1x8x1", distill_batch=32, remat="dots", label_batch=16, audio_visual_batch=16),
+    "v4-8": dict(mesh="1x4x1", distill_batch=32, remat="dots", label_batch=16, audio_visual_batch=16),
+    "v5p-8": dict(mesh="1x4x1", distill_batch=32, remat="dots", label_batch=16, audio_visual_batch=16),
+    # One v5e chip (Colab's TPU v5e-1): the 7B models only fit with their Linear kernels int8.
+    "v5e-1": dict(mesh="1x1x1", distill_batch=16, remat="full", label_batch=3, audio_visual_batch=3,
+                  quantize="int8"),
 }
 
 
@@ -63,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"config argument mesh={args['mesh']!r}: expected DATAxFSDPxTENSOR, e.g. 1x8x1") from None
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
     c.compute_dtype = "bfloat16"
+    c.models.quantize = preset.get("quantize")
 
     c.data.manifest = args["manifest"] or None
     c.data.humans = args["humans"] or None  # a CSV of human answers (data_pipelines/humans.py); None: no humans

@@ -54,7 +54,9 @@ TOPOLOGIES = {
     "v4-8": Topology("v4-8", "v4:2x2x1", hbm_gib=32.0, peak_tflops=275.0,
                      options=(("chip_config_name", "megacore"),)),
     "v5p-8": Topology("v5p-8", "v5p:2x2x1", hbm_gib=95.0, peak_tflops=459.0),
-    "v5e-1": Topology("v5e-1", "v5e:1x1", hbm_gib=16.0, peak_tflops=197.0),  # one chip: Colab's TPU v5e-1
+    # one chip (Colab's TPU v5e-1): a host of 2x2 chips is libtpu's default for v5e, so say it is 1x1
+    "v5e-1": Topology("v5e-1", "v5e:1x1", hbm_gib=16.0, peak_tflops=197.0,
+                      options=(("chips_per_host_bounds", (1, 1, 1)),)),
 }
 
 

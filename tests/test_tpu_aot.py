@@ -42,3 +42,26 @@ def test_v5e_8_presets_fit_16_gib_per_chip(program):
     assert result.topology.hbm_gib == 16
     assert result.fits, f"{result.program}: {result.peak_bytes / aot.GIB:.2f} GiB per chip > 16 GiB"
     assert result.argument_bytes > 1 * aot.GIB  # really the 7B weights (sharded 8 ways: ~2 GiB a chip)
+
+
+def test_tiny_int8_programs_compile_for_one_chip():
+    """configs/paper.py's v5e-1 preset at tiny size: one chip, int8 kernels hold fewer bytes than bf16."""
+    workloads = aot.workloads(paper.get_config("topology=v5e-1"))
+    for program in ("distill", "score"):
+        workload = dataclasses.replace(workloads[program], model="tiny")
+        assert workload.quantize == "int8" and workload.mesh == (1, 1, 1)
+        int8 = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-1"], workload)
+        bf16 = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-1"], dataclasses.replace(workload, quantize=None))
+        assert int8.fits and int8.argument_bytes < bf16.argument_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["distill", "score"])
+def test_v5e_1_int8_preset_fits_one_16_gib_chip(program):
+    """configs/paper.py's v5e-1 preset: Qwen2-Audio-7B's distill step and Qwen2-VL-7B's scoring step,
+    int8 frozen weights, fit one v5e chip (bf16 weights alone would not: 16.8 GB for Qwen2-Audio-7B)."""
+    workload = aot.workloads(paper.get_config("topology=v5e-1"))[program]
+    with jax.default_matmul_precision("default"):
+        result = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-1"], workload)
+    assert result.fits, f"{result.program}: {result.peak_bytes / aot.GIB:.2f} GiB > 16 GiB"
+    assert result.argument_bytes > 7 * aot.GIB  # the 7B weights, int8, on the one chip

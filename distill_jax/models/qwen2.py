@@ -32,7 +32,10 @@ _HF_DEFAULTS = dict(
 
 # Rematerialisation of each decoder layer in training (jax.checkpoint policies): "none" keeps
 # every activation the backward pass needs; "dots" keeps the matmul outputs and recomputes the
-# cheap elementwise work; "full" keeps only each layer's input and recomputes the layer.
+# cheap elementwise work; "full" keeps only each layer's input and recomputes the layer. With the
+# layers scanned, "none" makes the scan store every intermediate of every layer, which unrolled XLA
+# partly recomputed itself: at 7B on v5e-8, scanned "dots" needs what unrolled "none" did (13.9 GiB
+# a chip) and scanned "none" does not fit (17.2 GiB of temporaries; benchmarks/README.md).
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
