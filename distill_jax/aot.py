@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import sharding
 from distill_jax.layers.quantize import quantize_linears
-from distill_jax.layers.scan import with_scan_layers
+from distill_jax.layers.scan import CONTAINERS, with_scan_layers
 from distill_jax.models import lora
 from distill_jax.models.qwen2_audio import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 from distill_jax.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -117,7 +117,7 @@ def _matmul_params(state) -> int:
     biases, which stay vectors per layer when the layers are stacked for a scan)."""
     def per_layer_ndim(path, x):
         names = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
-        stacked = any(n in ("layers", "blocks") and not isinstance(after, int) for n, after in zip(names, names[1:]))
+        stacked = any(n in CONTAINERS and not isinstance(after, int) for n, after in zip(names, names[1:]))
         return x.ndim - stacked
 
     return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(state)

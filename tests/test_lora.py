@@ -11,6 +11,7 @@ import torch
 from flax import nnx
 
 from distill_jax.convert import load_hf
+from distill_jax.layers.scan import layer_paths
 from distill_jax.models import lora
 from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
@@ -38,7 +39,7 @@ def test_targets_and_fresh_adapter_is_identity():
     lora.apply_lora(model, lora.LoraConfig(rank=4, target_modules=("q", "v", "down")), rngs=nnx.Rngs(1))
     assert sorted(path for path, _ in lora.lora_layers(model)) == [  # each stacked over the 2 scanned layers
         "model.layers.mlp.down_proj", "model.layers.self_attn.q_proj", "model.layers.self_attn.v_proj"]
-    names = sorted(name for path, linear in lora.lora_layers(model) for name in lora.layer_names(path, linear))
+    names = sorted(name for path, linear in lora.lora_layers(model) for name in layer_paths(path, linear.kernel))
     assert names == sorted(f"model.layers.{i}.{m}" for i in range(2)
                            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
     np.testing.assert_array_equal(np.asarray(model(input_ids=ids, attention_mask=mask)), before)

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from distill_jax import decoding
 from distill_jax.convert import CheckpointMismatchError, load_hf, save_hf
-from distill_jax.layers.scan import is_stacked, unrolled_path
+from distill_jax.layers.scan import is_stacked, layer_paths, unrolled_path
 from distill_jax.models import lora
 from distill_jax.train.step import distill_objective
 
@@ -23,8 +23,8 @@ def _flat(model, kind=nnx.Param) -> dict[str, np.ndarray]:
     """Every parameter by its per-layer (checkpoint-style) path: a stacked one split into its layers."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, kind)):
-        name, value = ".".join(str(p) for p in path), np.asarray(var.get_value())
-        out.update({unrolled_path(name, i): v for i, v in enumerate(value)} if is_stacked(var) else {name: value})
+        value = np.asarray(var.get_value())
+        out.update(zip(layer_paths(".".join(str(p) for p in path), var), value if is_stacked(var) else [value]))
     return out
 
 
@@ -92,7 +92,7 @@ def _set_lora_b(model):
     """A non-zero B on every layer's adapter, drawn from its per-layer name (the same in both layouts)."""
     for name, linear in lora.lora_layers(model):
         b = jnp.stack([0.05 * jax.random.normal(jax.random.key(zlib.crc32(n.encode())), linear.lora.lora_b.shape[-2:])
-                       for n in lora.layer_names(name, linear)])
+                       for n in layer_paths(name, linear.kernel)])
         linear.lora.lora_b[...] = b if is_stacked(linear.lora.lora_b) else b[0]
 
 

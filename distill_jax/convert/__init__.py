@@ -26,7 +26,7 @@ from distill_jax.convert.keymap import CheckpointMismatchError, KeyMap, LoadRepo
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.convert.pann import load_pann  # PANN Cnn14 .pth / safetensors -> models.cnn14.Cnn14
 from distill_jax.layers.quantize import check_quantize, is_quantized, quantize_linears
-from distill_jax.layers.scan import is_stacked, unrolled_path, with_scan_layers
+from distill_jax.layers.scan import is_stacked, layer_paths, with_scan_layers
 from distill_jax.models import qwen2, qwen2_5_omni, qwen2_audio, qwen2_vl
 from distill_jax.sharding import abstract_model
 
@@ -234,12 +234,12 @@ def save_hf(model: nnx.Module, path: str, *, tokenizer_dir: str | None = None) -
     for key_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, nnx.LoRAParam):
             continue
-        name, value = ".".join(str(p) for p in key_path), np.asarray(multihost.to_host(var.get_value()), np.float32)
+        value = np.asarray(multihost.to_host(var.get_value()), np.float32)
         # a stacked parameter of scanned layers is written as one tensor per layer, as checkpoints hold it
-        for name, value in ([(unrolled_path(name, i), v) for i, v in enumerate(value)] if is_stacked(var)
-                            else [(name, value)]):
+        names = layer_paths(".".join(str(p) for p in key_path), var)
+        for name, layer_value in zip(names, value if is_stacked(var) else [value]):
             key, fn = key_map.checkpoint_key(name)
-            tensors[key] = np.ascontiguousarray(fn(value))
+            tensors[key] = np.ascontiguousarray(fn(layer_value))
     if isinstance(model, qwen2_audio.Qwen2AudioForConditionalGeneration) and model.config.text.tie_word_embeddings:
         tensors[_AUDIO_LM_HEAD] = tensors[_AUDIO_EMBED]  # transformers' Qwen2-Audio never ties: it needs the copy
     out = multihost.path(path)

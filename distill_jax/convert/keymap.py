@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from distill_jax import sharding as sharding_lib
 from distill_jax.convert.safetensors_io import SafetensorsCheckpoint
 from distill_jax.layers.quantize import quantize_kernel
-from distill_jax.layers.scan import is_stacked, unrolled_path
+from distill_jax.layers.scan import is_stacked, layer_paths
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -179,10 +179,9 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
         quantized = path[-1] == "kernel" and path[:-1] in scale_vars
         shape = tuple(var.get_value().shape)
         # A stacked (scanned) parameter is one checkpoint tensor per layer; each is checked on its own.
-        layers = [(unrolled_path(name, i), shape[1:]) for i in range(shape[0])] if is_stacked(var) \
-            else [(name, shape)]
+        expected = shape[1:] if is_stacked(var) else shape
         keys, problems = [], 0
-        for layer_name, expected in layers:
+        for layer_name in layer_paths(name, var):
             candidates, fn = key_map.candidates(layer_name)
             key = next((k for k in candidates if k in ckpt), None)
             if key is None:
@@ -223,9 +222,9 @@ def load_state(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint, key_map:
     total = sum(ckpt.nbytes(key) for _, _, keys, _, _, _ in plan for key in keys)
     progress = tqdm.tqdm(total=total, unit="B", unit_scale=True, leave=False, desc=f"loading {len(plan)} tensors",
                          disable=total < (1 << 30) or jax.process_index() > 0)  # shown for checkpoints over 1 GiB
+    target_of = lambda p: NamedSharding(mesh, spec_of[p]) if mesh is not None else SingleDeviceSharding(device)
     for path, var, keys, fn, stacked, quantized in plan:
         shape = tuple(var.get_value().shape)
-        target_of = lambda p: NamedSharding(mesh, spec_of[p]) if mesh is not None else SingleDeviceSharding(device)
         target = target_of(path)
 
         def read_one(key, index, fn):

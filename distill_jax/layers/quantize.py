@@ -49,12 +49,9 @@ def quantize_linears(model: nnx.Module) -> nnx.Module:
         axes = tuple(kernel.get_metadata()["out_sharding"])
         scale_axes = axes[:1] + axes[2:] if stacked else axes[1:]
         value = kernel.get_value()
-        if isinstance(value, jax.ShapeDtypeStruct):
-            scale_shape = value.shape[:1] + value.shape[2:] if stacked else value.shape[1:]
-            qvalue = jax.ShapeDtypeStruct(value.shape, jnp.int8)
-            scale = jax.ShapeDtypeStruct(scale_shape, value.dtype)
-        else:
-            qvalue, scale = quantize_kernel(value, stacked)
+        quantize = lambda k: quantize_kernel(k, stacked)  # noqa: E731
+        qvalue, scale = jax.eval_shape(quantize, value) if isinstance(value, jax.ShapeDtypeStruct) \
+            else quantize(value)
         linear.kernel = nnx.Param(qvalue, out_sharding=axes, eager_sharding=False)
         linear.kernel_scale = nnx.Param(scale, out_sharding=scale_axes, eager_sharding=False)
     return model

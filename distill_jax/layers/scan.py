@@ -24,7 +24,8 @@ LAYER_AXIS = "layers"
 # The attribute names of stacked blocks (Hugging Face's): `layers` (decoders, audio towers),
 # `blocks` (vision towers). A stacked variable's path holds one of them; block i's
 # checkpoint path has `.i` after it.
-_CONTAINER = re.compile(r"(^|\.)(layers|blocks)(\.|$)")
+CONTAINERS = ("layers", "blocks")
+_CONTAINER = re.compile(rf"(^|\.)({'|'.join(CONTAINERS)})(\.|$)")
 
 
 def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
@@ -54,6 +55,13 @@ def unrolled_path(path: str, index: int) -> str:
     if not count:
         raise ValueError(f"{path}: a stacked parameter must sit under a `layers` or `blocks` module")
     return named
+
+
+def layer_paths(path: str, var: nnx.Variable) -> list[str]:
+    """The per-layer (checkpoint) names of variable `var` at `path`: its own, or each layer's when stacked."""
+    if not is_stacked(var):
+        return [path]
+    return [unrolled_path(path, i) for i in range(var.get_value().shape[0])]
 
 
 def scan_layers(stacked: nnx.Module, body: Callable, carry, xs=None, *, remat_policy=None, remat: bool = False):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from distill_jax.layers.linear import Linear
-from distill_jax.layers.scan import LAYER_AXIS, is_stacked, unrolled_path
+from distill_jax.layers.scan import CONTAINERS, LAYER_AXIS, is_stacked, layer_paths
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -104,19 +104,11 @@ def lora_layers(model: nnx.Module):
             yield ".".join(str(p) for p in path), module
 
 
-def layer_names(path: str, linear: Linear) -> list[str]:
-    """The per-layer module names of `path` (checkpoints' and PEFT's): itself, or each layer's
-    (`model.layers.3.mlp.up_proj`) for a Linear of stacked layers."""
-    if not is_stacked(linear.kernel):
-        return [path]
-    return [unrolled_path(path, i) for i in range(linear.kernel[...].shape[0])]
-
-
 def _unrolled_order(path: tuple, index: int | None) -> tuple:
     """`path` as the unrolled model's traversal visits it: block `index`'s number after `layers`/`blocks`."""
     if index is None:
         return path
-    at = next(i for i, p in enumerate(path) if p in ("layers", "blocks"))
+    at = next(i for i, p in enumerate(path) if p in CONTAINERS)
     return path[:at + 1] + (index,) + path[at + 1:]
 
 
@@ -132,7 +124,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
         name = ".".join(str(p) for p in path)
         if not (isinstance(module, Linear) and path and path[-1] in config.target_modules):
             continue
-        chosen = [n.startswith(under) for n in layer_names(name, module)]
+        chosen = [n.startswith(under) for n in layer_paths(name, module.kernel)]
         if any(chosen) and not all(chosen):
             raise ValueError(f"under={under!r} selects some layers of the scanned (stacked) {name}: adapters "
                              "go on all of its layers or none (load the model with scan_layers=False)")
@@ -187,7 +179,7 @@ def _peft_target_regex(model: nnx.Module, key_map, adapted: list[str]) -> str:
     """
     candidates = [key_map.peft_module(name) for path, module in nnx.iter_modules(model)
                   if isinstance(module, Linear) and path
-                  for name in layer_names(".".join(str(p) for p in path), module)]
+                  for name in layer_paths(".".join(str(p) for p in path), module.kernel)]
     patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in adapted})
     compact = "^(?:" + "|".join(patterns) + ")$"
     if sorted(n for n in candidates if re.fullmatch(compact, n)) == sorted(adapted):
@@ -216,7 +208,7 @@ def export_peft(model: nnx.Module, out_dir: str, *, base_model_name_or_path: str
             raise ValueError(f"{path}: unmerge LoRA before exporting the adapter")
         lora_a = np.asarray(multihost.to_host(linear.lora.lora_a[...]), np.float32)
         lora_b = np.asarray(multihost.to_host(linear.lora.lora_b[...]), np.float32)
-        names = layer_names(path, linear)
+        names = layer_paths(path, linear.kernel)  # the module's per-layer names: its kernel's
         if not is_stacked(linear.kernel):
             lora_a, lora_b = lora_a[None], lora_b[None]
         for name, a, b in zip(names, lora_a, lora_b):  # one adapter per layer of a stacked Linear

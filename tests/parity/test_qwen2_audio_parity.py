@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 
 from distill_jax.convert import load_hf
+from distill_jax.layers.scan import layer_paths
 from distill_jax.models import lora
 from data_pipelines.audio import num_audio_tokens
 from distill_jax.models.qwen2_audio import FRAMES_PER_TOKEN, short_clip_frames
@@ -92,7 +93,7 @@ def test_lora_on_language_model_only_and_peft_export(tiny_qwen2_audio_dir, tmp_p
     path, hf = tiny_qwen2_audio_dir
     model = load_hf(path)
     lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
-    names = [n for p, linear in lora.lora_layers(model) for n in lora.layer_names(p, linear)]
+    names = [n for p, linear in lora.lora_layers(model) for n in layer_paths(p, linear.kernel)]
     assert len(names) == 2 * 7 and all(n.startswith("language_model.model.layers.") for n in names)
     for i, (_, linear) in enumerate(lora.lora_layers(model)):
         linear.lora.lora_b[...] = 0.05 * np.random.RandomState(i).randn(*linear.lora.lora_b[...].shape)

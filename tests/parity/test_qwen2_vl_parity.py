@@ -10,6 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from data_pipelines.vision import num_vision_tokens, preprocess_image, preprocess_video
 from distill_jax.convert import load_hf
+from distill_jax.layers.scan import layer_paths
 from distill_jax.models import lora
 from distill_jax.models.qwen2_vl import mrope_positions
 
@@ -108,7 +109,7 @@ def test_lora_on_language_model_only_and_peft_export(tiny_qwen2_vl_dir, tmp_path
     path, hf = tiny_qwen2_vl_dir
     model = load_hf(path)
     lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
-    names = [n for p, linear in lora.lora_layers(model) for n in lora.layer_names(p, linear)]
+    names = [n for p, linear in lora.lora_layers(model) for n in layer_paths(p, linear.kernel)]
     assert len(names) == 14 and all(n.startswith("language_model.model.layers.") for n in names)
     for i, (_, linear) in enumerate(lora.lora_layers(model)):
         linear.lora.lora_b[...] = 0.05 * np.random.RandomState(i).randn(*linear.lora.lora_b[...].shape)
