@@ -38,8 +38,9 @@ from distill_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, init_cache
 from distill_jax.models.qwen2_audio import (Qwen2AudioEncoderConfig, check_audio_tokens, encoder_layers,
                                             feature_lengths, is_concrete, merge_audio_embeddings,
                                             run_encoder_layers)
-from distill_jax.models.qwen2_vl import (PatchEmbed, PatchMerger, as_grids, frame_segments, merge_vision_embeddings,
-                                         patch_angles, segment_layout)
+from distill_jax.models.qwen2_vl import (PatchEmbed, PatchMerger, as_grids, check_padded_video, frame_segments,
+                                         merge_vision_embeddings, padded_angles, padded_video_layout, patch_angles,
+                                         segment_layout)
 from distill_jax.sharding import constrain
 
 Grid = tuple[int, int, int]
@@ -411,6 +412,28 @@ class SegmentLayout:
         self.cos, self.sin = rope_cos_sin(jnp.asarray(angles[gather], jnp.float32), jnp.float32)
 
 
+class PaddedLayout:
+    """The attention pattern of a padded video batch: x is already [B * F, L, D] (no gather); `mask` is
+    [B * F, 1, 1, L] (whole frames) or [B * F, 1, L, L] (windows)."""
+
+    gather = scatter = None
+
+    def __init__(self, cos, sin, mask):
+        self.cos, self.sin, self.mask = cos, sin, mask
+
+
+def padded_window_mask(grid_thw, frames: int, patches: int, config: "OmniVisionConfig"):
+    """[B * F, 1, L, L] bool: a patch slot attends to the valid slots of its own window (windows of
+    `window_merge_units` x `window_merge_units` merged patches, = HF's window index) in a padded batch."""
+    m, units = config.spatial_merge_size, config.window_merge_units
+    row, col, valid = padded_video_layout(grid_thw, frames, patches, m)
+    window = (row // m // units) * patches + col // m // units  # [B, L]: one id per window of a frame
+    same = window[:, :, None] == window[:, None, :]  # [B, L, L]
+    b = row.shape[0]
+    mask = same[:, None] & valid[:, :, None, :]  # [B, F, L, L]
+    return mask.reshape(b * frames, 1, patches, patches)
+
+
 class OmniVisionAttention(nnx.Module):
     """= Qwen2_5OmniVisionAttention: q/k/v with bias, 2-D RoPE, bidirectional within a segment."""
 
@@ -423,15 +446,21 @@ class OmniVisionAttention(nnx.Module):
         self.v = Linear(d, d, axes=("embed", "q_heads"), **kw)
         self.proj = Linear(d, d, axes=("q_heads", "embed"), **kw)
 
-    def __call__(self, x, layout: SegmentLayout):
+    def __call__(self, x, layout: SegmentLayout | PaddedLayout):
         # Segments are spread over the batch axes, as Qwen2-VL's tower's are. Left to propagation, the
         # gathered layout's sharding made libtpu's dot cost model overflow its stack (v5e-8, 7B).
-        heads = lambda y: constrain(y[layout.gather].reshape(*layout.gather.shape, self.num_heads, self.head_dim),
-                                    ("batch", "length", "act_heads", None))
+        if layout.gather is None:  # padded: x is [B * F, L, D] already
+            heads = lambda y: constrain(y.reshape(*y.shape[:2], self.num_heads, self.head_dim),
+                                        ("batch", "length", "act_heads", None))
+        else:
+            heads = lambda y: constrain(y[layout.gather].reshape(*layout.gather.shape, self.num_heads,
+                                                                 self.head_dim), ("batch", "length", "act_heads", None))
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         q = apply_rope(q.astype(jnp.float32), layout.cos, layout.sin).astype(x.dtype)
         k = apply_rope(k.astype(jnp.float32), layout.cos, layout.sin).astype(x.dtype)
         out = attention(q, k, v, layout.mask, scale=self.head_dim ** -0.5, implementation=self.attention_impl)
+        if layout.gather is None:
+            return self.proj(out.reshape(*x.shape[:2], self.num_heads * self.head_dim))
         return self.proj(out.reshape(-1, self.num_heads * self.head_dim)[layout.scatter])
 
 
@@ -481,6 +510,24 @@ class OmniVisionEncoder(nnx.Module):
         self.blocks = stack_layers(blocks) if config.scan_layers else nnx.List(blocks)
         # = Qwen2_5OmniPatchMerger: Qwen2-VL's with RMSNorm, to out_hidden_size
         self.merger = PatchMerger(config, out_features=config.out_hidden_size, norm=RMSNorm, rngs=rngs)
+
+    def padded(self, pixel_values, grid_thw):
+        """Padded video [B, F, L, patch_dim] + grids [B, 3] -> merged tokens [B, F * L / 4, out_hidden_size]
+        (as Qwen2-VL's tower's `padded`; window attention through a per-frame window mask)."""
+        cfg = self.config
+        check_padded_video(pixel_values, grid_thw, cfg)
+        b, frames, patches, _ = pixel_values.shape
+        cos, sin, key_mask = padded_angles(grid_thw, frames, patches, cfg)
+        whole = PaddedLayout(cos, sin, key_mask)
+        windows = PaddedLayout(cos, sin, padded_window_mask(grid_thw, frames, patches, cfg))
+        x = self.patch_embed(pixel_values.reshape(b * frames, patches, -1))
+        if cfg.scan_layers:
+            full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+            x, _ = scan_layers(self.blocks, lambda block, x, f: (block.either(x, f, whole, windows), None), x, full)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, whole if i in cfg.fullatt_block_indexes else windows)
+        return self.merger(x).reshape(b, frames * patches // cfg.spatial_merge_size ** 2, -1)
 
     def __call__(self, pixel_values, grid_thw):
         grids = as_grids(grid_thw)

@@ -5,10 +5,17 @@ Our module tree is `visual` (= Qwen2VisionTransformerPretrainedModel) and `langu
 (our Qwen2ForCausalLM: `model` + `lm_head`); checkpoints name the LM `model.*` (hub) or
 `model.language_model.*` (transformers 5), both load.
 
-Vision attention runs per segment (one frame pair of one item, as HF's cu_seqlens): the
-patches are gathered into a [segments, longest segment, D] layout with a key mask, so no
-dense mask over the whole batch ever exists. Segment layout and M-RoPE positions depend
-on the grids only, are computed on the host in NumPy, and grids are static under jit.
+Vision attention runs per segment (one frame pair of one item, as HF's cu_seqlens). Video
+comes in one of two layouts:
+- **packed** (HF's): pixel_values_videos [sum of t*h*w, 1176] with static grids (a tuple); the
+  patches are gathered into a [segments, longest segment, D] layout with a key mask computed
+  on the host. Every distinct list of grids is its own compiled program.
+- **padded per clip** (the input pipeline's): pixel_values_videos [B, F, L, 1176], clip b's
+  temporal patch f in row [b, f] (its h*w patches, then zeros), video_grid_thw an int array
+  [B, 3] that may be traced. Positions, masks and the placement of the merged tokens in the
+  prompt are computed on the device from the grids, so clips of any size and length run
+  through one program per (B, F, L) (`padded_video_layout`, `scatter_padded_video`).
+No dense mask over the whole batch ever exists in either.
 """
 from __future__ import annotations
 
@@ -246,6 +253,59 @@ def rope_index(input_ids, attention_mask, image_grids: Sequence[Grid], video_gri
     return positions
 
 
+def padded_video_layout(grid_thw, frames: int, patches: int, merge: int):
+    """Per clip of a padded video batch ([B, F=`frames`, L=`patches`, D], `grid_thw` [B, 3], may be
+    traced): each patch slot's (row, col) [B, L] in its frame (HF's merge-block-major order, the
+    same in every frame) and which slots hold a patch, valid [B, F, L]."""
+    grid = jnp.asarray(grid_thw, jnp.int32)
+    t, h, w = grid[:, 0:1], grid[:, 1:2], grid[:, 2:3]  # [B, 1]
+    slot = jnp.arange(patches, dtype=jnp.int32)[None, :]  # [1, L]
+    block, within = slot // (merge * merge), slot % (merge * merge)
+    across = jnp.maximum(w // merge, 1)  # merge blocks per row
+    row = (block // across) * merge + within // merge
+    col = (block % across) * merge + within % merge
+    valid = (jnp.arange(frames)[None, :, None] < t[:, :, None]) & (slot[:, None, :] < (h * w)[:, :, None])
+    return row, col, valid
+
+
+def padded_token_mask(grid_thw, frames: int, patches: int, merge: int):
+    """[B, F * L / merge^2] bool: which merged-token slots of a padded video batch hold a clip's token."""
+    _, _, valid = padded_video_layout(grid_thw, frames, patches, merge)
+    return valid.reshape(valid.shape[0], frames, patches // merge ** 2, merge ** 2)[..., 0].reshape(
+        valid.shape[0], -1)
+
+
+def check_padded_video(pixel_values, grid_thw, config) -> None:
+    """Shape checks of a padded video batch; concrete grids are checked to fit its frames and patches."""
+    if pixel_values.ndim != 4 or pixel_values.shape[-1] != config.patch_dim:
+        raise ValueError(f"padded pixel_values must be [B, frames, patches, {config.patch_dim}], got "
+                         f"{pixel_values.shape}")
+    b, frames, patches, _ = pixel_values.shape
+    m2 = config.spatial_merge_size ** 2
+    if patches % m2:
+        raise ValueError(f"padded pixel_values hold {patches} patches per frame, not a multiple of {m2}")
+    if np.shape(grid_thw) != (b, 3):
+        raise ValueError(f"padded pixel_values of {b} clips need video_grid_thw [{b}, 3], got {np.shape(grid_thw)}")
+    if not isinstance(grid_thw, jax.core.Tracer):
+        grid = np.asarray(grid_thw)
+        too_big = [i for i, (t, h, w) in enumerate(grid) if t > frames or h * w > patches]
+        if too_big:
+            raise ValueError(f"clips {too_big} have grids {grid[too_big].tolist()} larger than the padded layout "
+                             f"({frames} temporal patches of {patches} patches)")
+
+
+def padded_angles(grid_thw, frames: int, patches: int, config):
+    """(cos, sin) [B * F, L, head_dim] of the 2-D rotary embedding and the key mask [B * F, 1, 1, L] of
+    a padded video batch (rows by their patch's row, columns by its column, as `patch_angles`)."""
+    row, col, valid = padded_video_layout(grid_thw, frames, patches, config.spatial_merge_size)
+    inv_freq = jnp.asarray(inv_frequencies(config.head_dim // 2, config.rope_theta))
+    angles = jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], axis=-1)  # [B, L, hd/2]
+    cos, sin = rope_cos_sin(angles.astype(jnp.float32), jnp.float32)
+    b = angles.shape[0]
+    spread = lambda x: jnp.broadcast_to(x[:, None], (b, frames, *x.shape[1:])).reshape(b * frames, *x.shape[1:])
+    return spread(cos), spread(sin), valid.reshape(b * frames, 1, 1, patches)
+
+
 def patch_angles(pixel_values, grids: Sequence[Grid], config):
     """Check packed patches against their grids; (2-D rotary angles per patch [N, head_dim / 2],
     the per-frame segment layout (gather, valid, scatter) of `vision_layout`).
@@ -363,6 +423,21 @@ class Qwen2VisionTransformer(nnx.Module):
         self.blocks = stack_layers(blocks) if config.scan_layers else nnx.List(blocks)
         self.merger = PatchMerger(config, rngs=rngs)
 
+    def padded(self, pixel_values, grid_thw):
+        """Padded video [B, F, L, 1176] + grids [B, 3] -> merged tokens [B, F * L / 4, hidden] (a clip's
+        tokens first in each frame's L / 4 slots; the rest is padding, `padded_token_mask`)."""
+        cfg = self.config
+        check_padded_video(pixel_values, grid_thw, cfg)
+        b, frames, patches, _ = pixel_values.shape
+        cos, sin, mask = padded_angles(grid_thw, frames, patches, cfg)
+        x = self.patch_embed(pixel_values.reshape(b * frames, patches, -1))  # [B * F, L, D]
+        if cfg.scan_layers:
+            x, _ = scan_layers(self.blocks, lambda block, x, _: (block(x, cos, sin, mask), None), x)
+        else:
+            for block in self.blocks:
+                x = block(x, cos, sin, mask)
+        return self.merger(x).reshape(b, frames * patches // cfg.spatial_merge_size ** 2, -1)
+
     def __call__(self, pixel_values, grid_thw):
         grids = as_grids(grid_thw)
         cfg = self.config
@@ -381,12 +456,24 @@ class Qwen2VisionTransformer(nnx.Module):
 
 def merge_vision_embeddings(embeds, input_ids, visual, merge: int, items):
     """`embeds` with each (pixels, grids, placeholder token id) of `items` encoded by `visual` into its
-    placeholder positions (None pixels: skipped). Concrete ids are checked against the grids."""
+    placeholder positions (None pixels: skipped). Concrete ids are checked against the grids.
+    Pixels of 4 dimensions are a padded video batch (module docstring): `visual.padded` encodes them."""
     for pixels, grid, token in items:
         if pixels is None:
             continue
-        grids = as_grids(grid)
         placeholder = input_ids == token
+        if pixels.ndim == 4:
+            if not isinstance(input_ids, jax.core.Tracer) and not isinstance(grid, jax.core.Tracer):
+                found = np.sum(np.asarray(placeholder), axis=1)
+                expected = np.prod(np.asarray(grid), axis=1) // merge ** 2
+                if (found != expected).any():
+                    rows = np.flatnonzero(found != expected).tolist()
+                    raise ValueError(f"rows {rows} hold {found[rows].tolist()} vision tokens (id {token}) but their "
+                                     f"grids give {expected[rows].tolist()}")
+            embeds = scatter_padded_video(embeds, placeholder, visual.padded(pixels, grid), grid,
+                                          pixels.shape[2] // merge ** 2, merge)
+            continue
+        grids = as_grids(grid)
         if not isinstance(input_ids, jax.core.Tracer):
             found, expected = int(np.sum(np.asarray(placeholder))), sum(t * h * w for t, h, w in grids) // merge ** 2
             if found != expected:
@@ -394,6 +481,18 @@ def merge_vision_embeddings(embeds, input_ids, visual, merge: int, items):
                                  f"give {expected} embeddings")
         embeds = scatter_into_placeholders(embeds, placeholder, visual(pixels, grids))
     return embeds
+
+
+def scatter_padded_video(embeds, placeholder, tokens, grid_thw, slots_per_frame: int, merge: int):
+    """embeds [B, T, D] with row b's placeholders replaced, in order, by clip b's merged tokens from a
+    padded layout `tokens` [B, F * slots_per_frame, D] (frame f's h*w / merge^2 tokens first in its slots)."""
+    grid = jnp.asarray(grid_thw, jnp.int32)
+    per_frame = jnp.maximum(grid[:, 1:2] * grid[:, 2:3] // merge ** 2, 1)  # [B, 1]
+    rank = jnp.cumsum(placeholder.astype(jnp.int32), axis=1) - 1  # [B, T]: the k-th vision token of the row
+    index = (rank // per_frame) * slots_per_frame + rank % per_frame
+    index = jnp.clip(index, 0, tokens.shape[1] - 1)
+    gathered = jnp.take_along_axis(tokens, index[..., None], axis=1).astype(embeds.dtype)
+    return jnp.where(placeholder[..., None], gathered, embeds)
 
 
 def scatter_into_placeholders(embeds, placeholder, values):
