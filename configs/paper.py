@@ -77,7 +77,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.video_fps = 2.0
     c.data.question_strategy = "uniform"
     c.data.num_options = 10
-    c.data.prompt_buckets = (512, 1024, 2048, 4096, 8192)
+    c.data.prompt_buckets = (512, 1024, 2048, 4096, 8192)  # audio prompts (10 s: 250 audio tokens)
+    # VGGSound's clips come in every shape and length: each keeps the processor's smart_resize of its
+    # own frames (short side <= 448 from the converter) and its own length, and a batch is padded to
+    # the smallest pair of these buckets that holds it: temporal patches (10 s at 2 fps: 10) and
+    # patches per temporal patch (16:9 at 448: 1792; 4:3: 1344; 360p 16:9: 1196; 240p: 540-640; the
+    # largest, 5120, is max_pixels' bound). At most 2 x 6 programs per video model and batch size.
+    c.data.video_frame_buckets = (5, 10)
+    c.data.video_patch_buckets = (640, 1024, 1344, 1792, 3072, 5120)
     # At 150K clips a corrupt record is logged (data_errors.jsonl), counted in the report and left out,
     # not fatal; more than max_error_fraction (1 %) of a split bad still stops the run.
     c.data.on_error = "skip"

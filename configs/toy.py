@@ -80,6 +80,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The toy prompts list all 20 classes: 165 tokens (visual) and 205 (audio); tight buckets save a
     # third of the visual model's compute.
     c.data.prompt_buckets = (128, 176, 208, 256, 512, 1024)
+    # Video batches are padded per batch to the smallest pair of these that holds them: temporal
+    # patches (2 frames each) and patches per temporal patch (14 px squares); a video prompt's
+    # length follows from the pair, so a video model compiles one program per pair it meets.
+    # The toy's clips are uniform (2 s at 4 fps, 64x64: 4 x 16); real clips are not (configs/paper.py).
+    c.data.video_frame_buckets = (4,)
+    c.data.video_patch_buckets = (16, 64, 256, 1024, 5120)
     # "raise": a bad record stops the run naming file and offset; "skip": it is logged with file, offset,
     # clip id and reason, counted per split in <workdir>/data_errors.jsonl and the report, and left out,
     # while more than max_error_fraction of a split's records bad stops the run.

@@ -29,8 +29,12 @@ of i and the config, whatever the number of worker processes):
    (e.g. `transforms.Qwen2AudioTransform`: log-mel + prompt ids). It must be picklable (a
    top-level class or function). The pipeline adds valid, label and answer to its output.
 4. **batch** (`PadBatch`): fixed-length arrays are stacked; arrays named in `padding` (a
-   varying first axis, such as `input_ids`) are padded to the smallest of a few bucket lengths
-   that fits the batch, so jit sees a handful of shapes; strings stay NumPy str arrays.
+   varying first axis, such as `input_ids`, or two, such as video patches [temporal patches,
+   patches per temporal patch]) are padded to the smallest of a few bucket lengths that fits
+   the batch, so jit sees a handful of shapes (a video prompt's length follows from its batch's
+   video buckets: one shape per bucket pair); strings stay NumPy str arrays. On several hosts
+   the hosts then agree on each batch's lengths, the largest any of them chose
+   (`AgreeOnShapes`): the lengths one host would choose for the whole global batch.
 5. **prefetch**: `read_threads` threads make batches ahead in each process; `worker_count` > 0
    makes them in Grain worker processes instead (`mp_prefetch`; workers read absl flags: run
    under `absl.app.run` or call `flags.FLAGS.mark_as_parsed()`, and keep the program behind
@@ -58,17 +62,76 @@ from data_pipelines.questions import QuestionMaker
 
 @dataclasses.dataclass(frozen=True)
 class Pad:
-    """How a varying-length field is padded in a batch: along axis 0 to a bucket length."""
-    buckets: tuple[int, ...]
+    """How a varying-length field is padded in a batch: along axis 0 to a bucket length.
+
+    buckets: the lengths axis 0 may take, the smallest that holds the batch's longest row is
+    chosen (None: the longest row itself). inner / inner_buckets: axis 1 is padded too, on the
+    right (video: temporal patches x patches per temporal patch). follows: axis 0's length is not
+    bucketed but derived from the lengths chosen for field `follows` (axis 0 x axis 1 / `per`,
+    plus `base`, rounded up to a multiple of `multiple`): a video prompt's length from its padded
+    video layout, so a batch has one shape per video bucket pair.
+    """
+    buckets: tuple[int, ...] | None = None
     value: int | float = 0
     side: str = "right"  # "left" for prompts scored at their last position
     mask_key: str | None = None  # also emit a 0/1 int32 [B, bucket] mask under this name
+    inner: bool = False
+    inner_buckets: tuple[int, ...] | None = None
+    follows: str | None = None
+    base: int = 0
+    per: int = 1
+    multiple: int = 8
 
     def __post_init__(self):
-        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
-            raise ValueError(f"buckets must be increasing positive lengths, got {self.buckets}")
+        for name in ("buckets", "inner_buckets"):
+            b = getattr(self, name)
+            if b is not None and (not b or list(b) != sorted(set(b)) or b[0] < 1):
+                raise ValueError(f"{name} must be increasing positive lengths, got {b}")
         if self.side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {self.side!r}")
+        if self.follows is not None and (self.inner or self.per < 1 or self.multiple < 1 or self.base < 0):
+            raise ValueError(f"a following Pad pads axis 0 only, with per >= 1, multiple >= 1, base >= 0: {self}")
+
+    def length_for(self, leader: tuple[int, int]) -> int:
+        """A following field's length for its leader's chosen (axis 0, axis 1) lengths."""
+        n = self.base + leader[0] * leader[1] // self.per
+        return -(-n // self.multiple) * self.multiple
+
+
+def _bucket(buckets, longest: int) -> int | None:
+    if buckets is None:
+        return longest
+    return next((b for b in buckets if b >= longest), None)
+
+
+def padded_shape(batch: Mapping[str, np.ndarray], key: str, pad: Pad) -> tuple[int, ...]:
+    """The lengths a padded field of a batch has: (axis 0,) or (axis 0, axis 1)."""
+    return tuple(batch[key].shape[1:3 if pad.inner else 2])
+
+
+def grow(batch: dict, padding: Mapping[str, Pad], shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """`batch` with its padded fields padded further to `shapes` (the same padding values and sides;
+    masks grow with their field): what PadBatch would have made with those lengths chosen."""
+    out = dict(batch)
+    for key, pad in padding.items():
+        have, want = padded_shape(batch, key, pad), tuple(shapes[key])
+        if have == want:
+            continue
+        if any(w < h for w, h in zip(want, have)):
+            raise ValueError(f"{key!r}: cannot shrink padded lengths {have} to {want}")
+        value = batch[key]
+        grown = np.full((value.shape[0], *want, *value.shape[1 + len(want):]), pad.value, value.dtype)
+        masks = {}
+        if pad.mask_key:
+            masks[pad.mask_key] = np.zeros((value.shape[0], *want), batch[pad.mask_key].dtype)
+        rows = slice(want[0] - have[0], want[0]) if pad.side == "left" else slice(0, have[0])
+        index = (slice(None), rows, *(slice(0, n) for n in have[1:]))
+        grown[index] = value
+        for mask_key, mask in masks.items():
+            mask[index] = batch[mask_key]
+            out[mask_key] = mask
+        out[key] = grown
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,22 +290,38 @@ class PadBatch:
 
     def __init__(self, padding: Mapping[str, Pad] | None = None):
         self.padding = dict(padding or {})
+        for key, pad in self.padding.items():
+            if pad.follows is not None and (pad.follows not in self.padding or not self.padding[pad.follows].inner):
+                raise ValueError(f"Pad of {key!r} follows {pad.follows!r}, which needs a Pad with inner=True")
 
-    def _pad(self, key: str, values: list[np.ndarray], pad: Pad, ids) -> dict[str, np.ndarray]:
+    def _pad(self, key: str, values: list[np.ndarray], pad: Pad, ids, length: int | None = None,
+             ) -> dict[str, np.ndarray]:
         lengths = [len(v) for v in values]
         longest = max(lengths)
-        bucket = next((b for b in pad.buckets if b >= longest), None)
-        if bucket is None:
+        bucket = _bucket(pad.buckets, longest) if length is None else length
+        if bucket is None or bucket < longest:
             clip = ids[lengths.index(longest)]
-            raise ValueError(f"clip {clip}: {key!r} has length {longest}, over the largest bucket "
-                             f"{pad.buckets[-1]}: add a bucket or shorten the input")
+            limit = (f"the {bucket} its batch's padded video allows (config.data.video_*_buckets and the text "
+                     f"budget of {pad.base} tokens)" if length is not None else f"the largest bucket {pad.buckets[-1]}")
+            raise ValueError(f"clip {clip}: {key!r} has length {longest}, over {limit}: add a bucket or shorten "
+                             "the input")
         first = values[0]
-        out = np.full((len(values), bucket, *first.shape[1:]), pad.value, dtype=first.dtype)
-        mask = np.zeros((len(values), bucket), np.int32)
+        inner = None
+        if pad.inner:
+            widths = [v.shape[1] for v in values]
+            inner = _bucket(pad.inner_buckets, max(widths))
+            if inner is None:
+                clip = ids[widths.index(max(widths))]
+                raise ValueError(f"clip {clip}: {key!r} has {max(widths)} rows per item on axis 1, over the largest "
+                                 f"bucket {pad.inner_buckets[-1]}: add a bucket")
+        shape = (bucket,) if inner is None else (bucket, inner)
+        out = np.full((len(values), *shape, *first.shape[len(shape):]), pad.value, dtype=first.dtype)
+        mask = np.zeros((len(values), *shape), np.int32)
         for i, (v, n) in enumerate(zip(values, lengths)):
             rows = slice(bucket - n, bucket) if pad.side == "left" else slice(0, n)
-            out[i, rows] = v
-            mask[i, rows] = 1
+            index = (i, rows) if inner is None else (i, rows, slice(0, v.shape[1]))
+            out[index] = v
+            mask[index] = 1
         return {key: out, **({pad.mask_key: mask} if pad.mask_key else {})}
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -252,8 +331,11 @@ class PadBatch:
             if list(e) != keys:
                 raise ValueError(f"clip {e.get('clip_id')}: keys {sorted(e)} differ from {sorted(keys)}")
         batch = {}
+        followers = [k for k in keys if k in self.padding and self.padding[k].follows is not None]
         for key in keys:
             values = [e[key] for e in examples]
+            if key in followers:
+                continue
             if key in self.padding:
                 batch.update(self._pad(key, [np.asarray(v) for v in values], self.padding[key], ids))
             elif isinstance(values[0], (tuple, list)) and values[0] and isinstance(values[0][0], str):
@@ -264,7 +346,55 @@ class PadBatch:
                 except ValueError as e:
                     shapes = sorted({np.shape(v) for v in values})
                     raise ValueError(f"{key!r} has shapes {shapes} across clips {ids}: give it a Pad") from e
-        return batch
+        for key in followers:
+            pad = self.padding[key]
+            length = pad.length_for(padded_shape(batch, pad.follows, self.padding[pad.follows]))
+            batch.update(self._pad(key, [np.asarray(e[key]) for e in examples], pad, ids, length))
+        return {k: batch[k] for k in [*keys, *(m for m in batch if m not in keys)]}
+
+
+class AgreeOnShapes(grain.IterDataset):
+    """The last steps of a multi-host pipeline, in the main process: every host's batch of a step is
+    padded to the same lengths, the largest any host chose (one tiny all-gather per batch). The
+    lengths are then those one host holding the whole global batch would have chosen, so N hosts
+    run what one host runs. Every host must draw the same number of batches (the pipeline's
+    positions see to it)."""
+
+    def __init__(self, parent: grain.IterDataset, padding: Mapping[str, Pad]):
+        super().__init__(parent)
+        self.padding = {k: p for k, p in padding.items() if p.follows is None}
+        self.followers = {k: p for k, p in padding.items() if p.follows is not None}
+
+    def __iter__(self):
+        return _AgreeingIterator(self._parent.__iter__(), self.padding, self.followers)
+
+
+class _AgreeingIterator(grain.DatasetIterator):
+    def __init__(self, parent, padding, followers):
+        super().__init__(parent)
+        self.padding, self.followers = padding, followers
+
+    def __next__(self):
+        from jax.experimental import multihost_utils
+
+        batch = next(self._parent)
+        keys = sorted(self.padding)
+        mine = [padded_shape(batch, k, self.padding[k]) for k in keys]
+        flat = np.asarray([n for shape in mine for n in shape], np.int32)
+        agreed = np.asarray(multihost_utils.process_allgather(flat)).reshape(-1, flat.size).max(axis=0)
+        shapes, at = {}, 0
+        for key, shape in zip(keys, mine):
+            shapes[key] = tuple(int(n) for n in agreed[at:at + len(shape)])
+            at += len(shape)
+        for key, pad in self.followers.items():
+            shapes[key] = (pad.length_for(shapes[pad.follows]),)
+        return grow(batch, {**self.padding, **self.followers}, shapes)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +512,8 @@ def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: Pi
     if config.worker_count > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    if process_count > 1 and padding:
+        iter_ds = AgreeOnShapes(iter_ds, padding)
     if on_data_error is not None:
         iter_ds = ReportDataErrors(iter_ds, on_data_error)
     return iter_ds

@@ -6,6 +6,7 @@ varying length are padded by the pipeline's batcher as `padding()` says.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -19,6 +20,25 @@ from distill_jax.models.qwen2_vl import rope_index
 # Grain decodes in several threads; the first loads of a tokenizer (and of transformers' lazy
 # modules) must not race.
 _LOAD_LOCK = threading.Lock()
+# Tokens added to a prompt's measured text budget: option names tokenized beside other lines may
+# take a token more than alone.
+TEXT_MARGIN = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoBuckets:
+    """How a batch of videos is padded: temporal patches to one of `frames`, patches per temporal
+    patch to one of `patches` (config.data.video_frame_buckets / video_patch_buckets), and the
+    prompt to `text_tokens` (the split's longest text and audio part, `PromptTransform.text_tokens`)
+    plus the layout's vision tokens. A model then compiles one program per (frames, patches) pair."""
+    frames: tuple[int, ...]
+    patches: tuple[int, ...]
+    text_tokens: int
+
+    @property
+    def programs(self) -> int:
+        """The most distinct input shapes a batch size can give: one per bucket pair."""
+        return len(self.frames) * len(self.patches)
 
 
 class PromptTransform:
@@ -44,26 +64,27 @@ class PromptTransform:
         return {**self.__dict__, "_tokenizer": None}
 
     def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024)) -> dict[str, Pad]:
+        """Prompts left-padded to the smallest of `buckets` that holds the batch's longest."""
         return {"input_ids": Pad(tuple(buckets), value=self.tokenizer.pad_token_id, side="left",
                                  mask_key="attention_mask")}
 
-    def split_padding(self, example: dict, class_names: Sequence[str], num_options: int,
-                      buckets: Sequence[int]) -> dict[str, Pad]:
-        """`padding` with one length for every batch of a split: the smallest bucket that holds the
-        longest prompt the split can give (`longest_prompt`). Every host then pads every step's
-        batch alike, so a global batch has one shape whatever the hosts hold."""
-        longest = self.longest_prompt(example, class_names, num_options)
-        fits = [b for b in buckets if b >= longest]
-        if not fits:
-            raise ValueError(f"prompts of up to {longest} tokens do not fit the largest bucket {max(buckets)}: "
-                             "add a bucket (config.data.prompt_buckets)")
-        return self.padding((fits[0],))
+    def text_tokens(self, class_names: Sequence[str], num_options: int) -> int:
+        """An upper bound of a prompt's tokens other than video tokens, for questions over
+        `class_names`: the prompt asked with the `num_options` longest option lines (and, with
+        audio, the longest clip: `worst_case`), its video tokens not counted, plus TEXT_MARGIN."""
+        tok = self.tokenizer
+        by_length = sorted(class_names, key=lambda n: (-len(tok.encode(f"A. {n}\n", add_special_tokens=False)), n))
+        out = self(self.worst_case({**self.probe_example(), "options": tuple(by_length[:num_options])}))
+        video = tok.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        ids = np.asarray(out["input_ids"])
+        return int(len(ids) - (0 if video is None else np.sum(ids == video))) + TEXT_MARGIN
 
-    def longest_prompt(self, example: dict, class_names: Sequence[str], num_options: int) -> int:
-        """Prompt tokens of `example` (a clip of the split: its frame size and length) asked with
-        the `num_options` longest class names and, for audio, the longest clip."""
-        by_length = sorted(class_names, key=lambda n: -len(self.tokenizer.encode(n, add_special_tokens=False)))
-        return len(self(self.worst_case({**example, "options": tuple(by_length[:num_options])}))["input_ids"])
+    video_token: str | None = None  # the prompt's video placeholder, when the model sees video
+
+    def probe_example(self) -> dict:
+        """A minimal clip (two black 56x56 frames, 1 s of silence) to measure prompts with."""
+        return {"clip_id": "probe", "frames": np.zeros((2, 56, 56, 3), np.uint8), "fps": 2.0,
+                "audio": np.zeros(audio.SAMPLE_RATE, np.float32), "sample_rate": audio.SAMPLE_RATE}
 
     def worst_case(self, example: dict) -> dict:
         return example
@@ -117,12 +138,16 @@ class Qwen2AudioTransform(PromptTransform):
 class Qwen2VLTransform(PromptTransform):
     """Frames sampled at `config.fps`, Qwen2-VL preprocessing, and the multiple-choice video prompt.
 
-    Output: pixel_values_videos float32 [t*h*w, 1176], video_grid_thw int32 [3], input_ids
-    int32 with t*h*w / 4 <|video_pad|> tokens, and their M-RoPE positions (= HF get_rope_index)
-    int32 [T, 3]. Clips of one split share frame size and length (the converter makes them so),
-    so a batch stacks them; `model_inputs` packs a batch into the model's call under jit.
-    `padding()` left-pads input_ids and positions.
+    Output: pixel_values_videos float32 [t, h*w, 1176] (the processor's patches of each temporal
+    patch), video_grid_thw int32 [3], input_ids int32 with t*h*w / 4 <|video_pad|> tokens, and
+    their M-RoPE positions (= HF get_rope_index) int32 [T, 3]. Clips keep their own frame size
+    and length (each gets the processor's smart_resize of its own frames); `padding()` pads a
+    batch's videos to a (temporal patches, patches) bucket pair and its prompts, left, to the
+    length that layout implies, and `model_inputs` hands the padded layout to the model, which
+    computes positions and masks from the grids on the device (models/qwen2_vl.py).
     """
+
+    video_token = prompts.VIDEO_TOKEN
 
     def __init__(self, tokenizer_dir: str, *, config: vision.VisionPreprocessConfig = vision.VisionPreprocessConfig(),
                  **prompt_kw):
@@ -142,39 +167,40 @@ class Qwen2VLTransform(PromptTransform):
                                image_token_id=self.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN),
                                video_token_id=self.tokenizer.convert_tokens_to_ids(prompts.VIDEO_TOKEN),
                                spatial_merge_size=self.config.merge_size)
-        return {"pixel_values_videos": pixels, "video_grid_thw": np.asarray(grid, np.int32), "input_ids": ids,
+        t, h, w = (int(v) for v in grid)
+        return {"pixel_values_videos": pixels.reshape(t, h * w, pixels.shape[-1]),
+                "video_grid_thw": np.asarray(grid, np.int32), "input_ids": ids,
                 "position_ids": np.ascontiguousarray(positions[:, 0].T, np.int32)}
 
-    def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024)) -> dict[str, Pad]:
-        """input_ids as for audio; the M-RoPE positions [T, 3] left-padded alike, with 0 (= HF's)."""
-        return {**super().padding(buckets), "position_ids": Pad(tuple(buckets), value=0, side="left")}
-
-    def static_inputs(self, batch: dict) -> tuple:
-        return (("video_grid", batch_grid(batch)),)
+    def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024), video: VideoBuckets | None = None
+                ) -> dict[str, Pad]:
+        return video_padding(self.tokenizer.pad_token_id, buckets, video, self.config.merge_size)
 
     def model_inputs(self, arrays: dict, static: tuple) -> dict:
-        return qwen2_vl_model_inputs(arrays, dict(static)["video_grid"])
+        return qwen2_vl_model_inputs(arrays)
 
 
-def batch_grid(batch: dict) -> tuple[int, int, int]:
-    """The one video grid of a host batch's clips (an error if they differ)."""
-    grids = np.asarray(batch["video_grid_thw"])
-    if (grids != grids[0]).any():
-        raise ValueError(f"clips of one batch have different video grids {sorted({tuple(g) for g in grids})}: "
-                         "convert the split with one frame size and clip length")
-    return tuple(int(v) for v in grids[0])
+def video_padding(pad_id: int, buckets: Sequence[int], video: VideoBuckets | None, merge: int) -> dict[str, Pad]:
+    """A video model's batch padding: the patches [temporal patches, patches] to `video`'s bucket pair
+    and the prompt (ids and their M-RoPE positions [T, 3], left, positions with 0 as HF's) to the length
+    that pair implies. `video` None: the batch's own longest video, prompts to one of `buckets` (a
+    handful of clips, e.g. `distill_jax.ask`)."""
+    if video is None:
+        return {"pixel_values_videos": Pad(None, inner=True),
+                "input_ids": Pad(tuple(buckets), value=pad_id, side="left", mask_key="attention_mask"),
+                "position_ids": Pad(tuple(buckets), value=0, side="left")}
+    follow = dict(follows="pixel_values_videos", base=video.text_tokens, per=merge * merge)
+    return {"pixel_values_videos": Pad(tuple(video.frames), inner=True, inner_buckets=tuple(video.patches)),
+            "input_ids": Pad(value=pad_id, side="left", mask_key="attention_mask", **follow),
+            "position_ids": Pad(value=0, side="left", **follow)}
 
 
-def qwen2_vl_model_inputs(batch: dict, grid=None) -> dict:
-    """A batch of `Qwen2VLTransform` outputs -> the Qwen2-VL call's inputs: packed patches, one
-    grid per clip (`grid`, static under jit; default: the batch's, which must all be equal) and the
-    M-RoPE positions [3, B, T]. NumPy batches or placed arrays under jit alike."""
-    if grid is None:
-        grid = batch_grid(batch)
-    pixels = batch["pixel_values_videos"]
+def qwen2_vl_model_inputs(batch: dict) -> dict:
+    """A batch of `Qwen2VLTransform` outputs -> the Qwen2-VL call's inputs: the padded video
+    [B, frames, patches, 1176] with its grids [B, 3] (arrays: traced under jit) and the M-RoPE
+    positions [3, B, T]. NumPy batches or placed arrays under jit alike."""
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "pixel_values_videos": pixels.reshape(-1, pixels.shape[-1]),
-            "video_grid_thw": (tuple(grid),) * pixels.shape[0],
+            "pixel_values_videos": batch["pixel_values_videos"], "video_grid_thw": batch["video_grid_thw"],
             "position_ids": batch["position_ids"].transpose(2, 0, 1)}
 
 
@@ -247,7 +273,8 @@ class Qwen2_5OmniTransform(PromptTransform):
             if self.uses_video:
                 pixels, grid = vision.preprocess_video(example["frames"], source_fps=example["fps"],
                                                        config=self.config)
-                out.update(pixel_values_videos=pixels, video_grid_thw=np.asarray(grid, np.int32))
+                out.update(pixel_values_videos=pixels.reshape(int(grid[0]), -1, pixels.shape[-1]),
+                           video_grid_thw=np.asarray(grid, np.int32))
                 grids, seconds = (tuple(int(v) for v in grid),), (self.config.temporal_patch_size / self.config.fps,)
                 kw.update(grid_thw=grid, second_per_grid=seconds[0], merge_size=self.config.merge_size,
                           position_id_per_seconds=cfg.position_id_per_seconds,
@@ -268,15 +295,19 @@ class Qwen2_5OmniTransform(PromptTransform):
             return example
         return {**example, "audio": np.zeros(int(self.max_seconds * example["sample_rate"]), np.float32)}
 
-    def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024)) -> dict[str, Pad]:
+    @property
+    def video_token(self) -> str | None:
+        return prompts.OMNI_VIDEO if self.uses_video else None
+
+    def padding(self, buckets: Sequence[int] = (128, 256, 512, 1024), video: VideoBuckets | None = None
+                ) -> dict[str, Pad]:
+        if self.uses_video:
+            return video_padding(self.tokenizer.pad_token_id, buckets, video, self.config.merge_size)
         return {**super().padding(buckets), "position_ids": Pad(tuple(buckets), value=0, side="left")}
 
-    def static_inputs(self, batch: dict) -> tuple:
-        return (("video_grid", batch_grid(batch)),) if self.uses_video else ()
-
     def model_inputs(self, arrays: dict, static: tuple) -> dict:
-        if self.uses_video:  # the video part is packed as for Qwen2-VL
-            out = qwen2_vl_model_inputs(arrays, dict(static)["video_grid"])
+        if self.uses_video:  # the video part is padded per clip, as for Qwen2-VL
+            out = qwen2_vl_model_inputs(arrays)
         else:
             out = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
                    "position_ids": arrays["position_ids"].transpose(2, 0, 1)}

@@ -92,6 +92,28 @@ def _known_splits(config) -> tuple[str, ...] | None:
     return None
 
 
+def check_video_buckets(config) -> list[str]:
+    """The video buckets must hold the longest clip (max_seconds at video_fps, in temporal patches of
+    2 frames) and the largest frame the processor can make (max_pixels in 14 px patches), so no
+    batch overflows them; patch buckets come in whole 2x2 merge blocks."""
+    data, errors = config.data, []
+    frames, patches = tuple(data.video_frame_buckets), tuple(data.video_patch_buckets)
+    if not (frames and patches and all(isinstance(b, int) for b in frames + patches)):
+        return errors
+    longest = max(1, round(data.max_seconds * data.video_fps / 2))
+    if frames[-1] < longest:
+        errors.append(f"config.data.video_frame_buckets={frames}: the largest must hold {longest} temporal patches "
+                      f"(max_seconds={data.max_seconds} at video_fps={data.video_fps}, 2 frames each)")
+    largest = max([data.max_pixels] + ([config.models.audio_visual.max_pixels] if common.has_audio_visual(config)
+                                       else []))
+    if isinstance(largest, int) and patches[-1] < largest // (14 * 14):
+        errors.append(f"config.data.video_patch_buckets={patches}: the largest must hold {largest // 196} patches "
+                      f"(max_pixels={largest} in 14x14 patches), the most a frame can have")
+    if any(b % 4 for b in patches):
+        errors.append(f"config.data.video_patch_buckets={patches}: expected multiples of 4 (2x2 merge blocks)")
+    return errors
+
+
 def check_config(config, stages) -> None:
     """Refuse, before any work, values that cannot work: every numeric and enumerated field is
     checked, and every error names its key and what is allowed (all errors at once)."""
@@ -145,9 +167,12 @@ def check_config(config, stages) -> None:
                _choice(config, "data.unseen.distractors", ("unseen", "all"))]
     if config.data.question_strategy != "fixed":
         errors.append(_number(config, "data.num_options", kind=int, low=2, high=26))
-    buckets = tuple(config.data.prompt_buckets)
-    if not buckets or list(buckets) != sorted(set(buckets)) or not all(isinstance(b, int) and b >= 1 for b in buckets):
-        errors.append(f"config.data.prompt_buckets={buckets}: expected increasing positive integers")
+    for key in ("prompt_buckets", "video_frame_buckets", "video_patch_buckets"):
+        buckets = tuple(config.data[key])
+        if not buckets or list(buckets) != sorted(set(buckets)) or not all(isinstance(b, int) and b >= 1
+                                                                            for b in buckets):
+            errors.append(f"config.data.{key}={buckets}: expected increasing positive integers")
+    errors += check_video_buckets(config)
     if config.toy:
         errors += [_number(config, "data.world.scale", low=0, low_open=True),
                    _number(config, "data.world.fps", low=0, low_open=True),
@@ -327,7 +352,7 @@ def remove_leftovers(workdir) -> None:
 # checkpoint intervals, workers, error handling, which splits or modes to produce) are not here.
 _PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "data.max_pixels", "data.num_options",
            "data.question_strategy", "data.question_seed", "data.question_template", "data.system_prompt",
-           "data.prompt_buckets", "compute_dtype")
+           "data.prompt_buckets", "data.video_frame_buckets", "data.video_patch_buckets", "compute_dtype")
 STAGE_CONFIG = {
     "prepare": ("toy", "data.manifest", "data.world.scale", "data.world.fps"),
     "warm_start": ("warm_start.split", "warm_start.weight_decay", "warm_start.models", *_PROMPT),

@@ -113,18 +113,20 @@ def letter_record(batch: dict, row: int, logits: np.ndarray) -> dict:
 def _pooled_vision_program(graphdef, mesh):
     @partial(jax.jit, static_argnums=(2,), out_shardings=batch_sharding(mesh))
     def pooled(state, batch, static):
+        from distill_jax.models.qwen2_vl import padded_token_mask
+
         model = nnx.merge(graphdef, state)
-        pixels = batch["pixel_values_videos"]
-        clips = pixels.shape[0]
-        tokens = model.visual(pixels.reshape(-1, pixels.shape[-1]), (dict(static)["video_grid"],) * clips)
-        return tokens.reshape(clips, -1, tokens.shape[-1]).astype(jnp.float32).mean(1)
+        pixels, grid = batch["pixel_values_videos"], batch["video_grid_thw"]
+        tokens = model.visual.padded(pixels, grid).astype(jnp.float32)  # [B, F * L / 4, D]
+        real = padded_token_mask(grid, pixels.shape[1], pixels.shape[2], model.config.vision.spatial_merge_size)
+        return jnp.sum(tokens * real[..., None], 1) / jnp.maximum(jnp.sum(real, 1), 1)[:, None]
 
     return pooled
 
 
 def pooled_vision_scorer(model: nnx.Module, mesh):
     """compute(placed Qwen2VLTransform batch, static) -> [B, D]: the mean over each clip's merged
-    vision-tower tokens (the clip's pooled visual embedding; the tower is frozen, the LM unused)."""
+    vision-tower tokens (its own, not the padding's) (the clip's pooled visual embedding; the tower is frozen, the LM unused)."""
     graphdef, state = nnx.split(model)
     program = _pooled_vision_program(graphdef, mesh)
     return lambda batch, static: program(state, batch, static)

@@ -148,9 +148,10 @@ def _switch_variants_are_what_their_records_say(run, results):
     stored = {r["clip_id"]: r["embedding"] for r in read_records(seed / "switch" / "visual_embedding" / "analysis.jsonl")}
     model = study.load_model("visual")
     batch = next(iter(study.dataset("visual", "analysis", batch_size=4)))
-    grid = tuple(int(v) for v in batch["video_grid_thw"][0])
-    pixels = batch["pixel_values_videos"]
-    tokens = model.visual(jax.numpy.asarray(pixels.reshape(-1, pixels.shape[-1])), (grid,) * len(pixels))
-    pooled = np.asarray(tokens).reshape(len(pixels), -1, tokens.shape[-1]).mean(1)
+    pooled = []
+    for pixels, grid in zip(batch["pixel_values_videos"], batch["video_grid_thw"]):  # each clip alone, packed
+        t, h, w = (int(v) for v in grid)
+        tokens = model.visual(jax.numpy.asarray(pixels[:t, :h * w].reshape(-1, pixels.shape[-1])), ((t, h, w),))
+        pooled.append(np.asarray(tokens).mean(0))
     for clip_id, vector in zip(batch["clip_id"], pooled):
         np.testing.assert_allclose(np.frombuffer(base64.b64decode(stored[str(clip_id)]), "<f4"), vector, atol=1e-5)

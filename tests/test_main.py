@@ -348,10 +348,12 @@ def test_audio_to_vl_direction_with_the_audio_visual_teacher(tiny_run, tmp_path)
     batch = next(iter(study.dataset(name, "test", batch_size=8)))
     row = int(np.flatnonzero(batch["valid"])[0])
     real = batch["attention_mask"][row].astype(bool)
+    t, h, w = (int(v) for v in batch["video_grid_thw"][row])
+    packed = batch["pixel_values_videos"][row, :t, :h * w].reshape(-1, batch["pixel_values_videos"].shape[-1])
     logits = np.asarray(model(
         input_ids=batch["input_ids"][row][real][None], input_features=batch["input_features"][row:row + 1],
         feature_attention_mask=batch["feature_attention_mask"][row:row + 1],
-        pixel_values_videos=batch["pixel_values_videos"][row], video_grid_thw=batch["video_grid_thw"][row:row + 1],
+        pixel_values_videos=packed, video_grid_thw=batch["video_grid_thw"][row:row + 1],
         video_second_per_grid=[transform.config.temporal_patch_size / transform.config.fps], use_audio_in_video=True))
     scored = {r["clip_id"]: r for r in read_records(os.path.join(seed, "eval", name, "test.jsonl"))}
     np.testing.assert_allclose(scored[str(batch["clip_id"][row])]["letter_logits"],

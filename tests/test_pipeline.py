@@ -218,24 +218,49 @@ def test_qwen2_audio_transform_plugs_in(paths, tokenizer_dir):
             assert b["answer"][row] == question.answer
 
 
-def test_split_padding_gives_every_batch_one_width(paths, tokenizer_dir):
-    """The split's padding: the bucket of the longest prompt the split can give (its longest class
-    names, a full-length clip), so every host pads every step alike."""
-    from data_pipelines.pipeline import ReadExample
+def test_hosts_agree_on_each_batchs_lengths(paths, monkeypatch):
+    """On several hosts each batch is padded to the largest lengths any host chose (`AgreeOnShapes`):
+    what PadBatch makes of the same rows with those lengths, masks included; a prompt that follows a
+    video layout takes the length the agreed layout implies."""
+    from jax.experimental import multihost_utils
 
+    from data_pipelines.pipeline import AgreeOnShapes, grow, padded_shape
+
+    rows = [{"clip_id": f"c{i}", "ids": np.arange(3 + i), "video": np.ones((1 + i, 4 + 4 * i, 2), np.float32)}
+            for i in range(2)]
+    padding = {"video": Pad((1, 2, 3), inner=True, inner_buckets=(4, 8, 16)),
+               "ids": Pad(value=-1, side="left", mask_key="mask", follows="video", base=5, per=4, multiple=1)}
+    mine = PadBatch(padding)(rows)
+    assert padded_shape(mine, "video", padding["video"]) == (2, 8) and mine["ids"].shape == (2, 9)  # 5 + 2 * 8 / 4
+    other = {"video": (3, 4)}  # another host's batch chose 3 temporal patches of 4 patches: agreed (3, 8)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([x, np.asarray([n for k in sorted(other) for n in other[k]], np.int32)]))
+    agreed = next(iter(AgreeOnShapes(grain.MapDataset.source([mine]).to_iter_dataset(), padding)))
+    expected = PadBatch({"video": Pad((3,), inner=True, inner_buckets=(8,)),
+                         "ids": Pad((11,), value=-1, side="left", mask_key="mask")})(rows)  # 5 + 3 * 8 / 4
+    assert set(agreed) == set(expected)
+    for key in expected:
+        np.testing.assert_array_equal(agreed[key], expected[key])
+    with pytest.raises(ValueError, match="cannot shrink"):
+        grow(mine, padding, {"video": (1, 8), "ids": (9,)})
+
+
+def test_prompts_are_padded_per_batch(paths, tokenizer_dir):
+    """Each batch's prompts go to the smallest bucket that holds its longest (never one length for a
+    split from its first clip), and a prompt over every bucket is an error naming the clip."""
     transform = Qwen2AudioTransform(tokenizer_dir, max_seconds=1.0)
-    questions = QuestionMaker(CLASSES)
-    first = ReadExample(tfrecord.TFRecordDataSource(paths), CLASSES, questions)((0, 1))
-    longest = transform.longest_prompt(first, CLASSES, 10)
-    for buckets in ((200, 400, 800), (longest, 800)):
-        padding = transform.split_padding(first, CLASSES, 10, buckets)
-        batches = _batches(paths, _config(shuffle=False, drop_remainder=False, decode_audio=True), transform=transform,
-                           padding=padding)
-        expected = min(b for b in buckets if b >= longest)
-        assert {b["input_ids"].shape[1] for b in batches} == {expected}
-        assert max(int(b["attention_mask"].sum(1).max()) for b in batches) <= longest
-    with pytest.raises(ValueError, match=f"prompts of up to {longest} tokens do not fit the largest bucket"):
-        transform.split_padding(first, CLASSES, 10, (longest - 1,))
+    config = _config(shuffle=False, drop_remainder=False, decode_audio=True)
+    wide = _batches(paths, config, transform=transform, padding=transform.padding((800,)))
+    longest = [int(b["attention_mask"].sum(1).max()) for b in wide]
+    assert len(set(longest)) > 1, longest  # the batches' longest prompts differ (clips of different lengths)
+    buckets = tuple(sorted(set(longest))) + (800,)
+    batches = _batches(paths, config, transform=transform, padding=transform.padding(buckets))
+    assert [b["input_ids"].shape[1] for b in batches] == longest  # each batch at its own bucket
+    for b, w in zip(batches, wide):
+        np.testing.assert_array_equal(b["input_ids"], w["input_ids"][:, 800 - b["input_ids"].shape[1]:])
+    with pytest.raises(ValueError, match=r"clip clip\d+: 'input_ids' has length \d+, over the largest bucket 20"):
+        _batches(paths, _config(shuffle=False, drop_remainder=False, decode_audio=True), transform=transform,
+                 padding=transform.padding((20,)))
 
 
 def test_the_trainer_places_batches_on_the_mesh(paths):

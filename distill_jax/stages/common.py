@@ -6,8 +6,8 @@
 config names), and skips work whose output already exists. The report reads every seed's study
 and writes results.md, results.json and plots into the run's workdir. Paths are etils.epath
 paths (the workdir may be gs://). A stage declares what it trains or scores; the batches come
-complete from `Study.dataset` (model inputs, positions, targets joined by clip id, one padded
-shape per split on every host), and the trainer (train/loop.py) and scorer (scoring.py) run them.
+complete from `Study.dataset` (model inputs, positions, targets joined by clip id, each batch
+padded to a bucket, the same lengths on every host), and the trainer (train/loop.py) and scorer (scoring.py) run them.
 
 Layout of one seed's workdir:
     data/                 the toy world (prepare): its manifest, and its unseen classes' AudioSet-format
@@ -280,28 +280,32 @@ class Study:
             num_options=self.num_options(), question_strategy=data.question_strategy,
             question_seed=data.question_seed, on_error=data.on_error, worker_count=data.worker_count)
 
-    def padding(self, modality: str, split: str, tokenizer_dir=None) -> dict | None:
-        """The split's padding: one prompt length for all its batches on every host (the bucket of
-        the longest prompt the split can give, from its first readable clip: frame size, clip
-        length). Found once per split and model, from the split's first file that has a clip."""
-        if modality == "waveform":
+    def video_buckets(self, modality: str, split: str, tokenizer_dir=None):
+        """How `modality`'s batches of `split` pad their video (None for a model without video):
+        config.data.video_frame_buckets x video_patch_buckets, and the prompt's text budget for the
+        split's question classes (`PromptTransform.text_tokens`)."""
+        transform = self.transform(modality, tokenizer_dir)
+        if modality == "waveform" or getattr(transform, "video_token", None) is None:
             return None
         key = (modality, split, str(tokenizer_dir))
         if key not in self._paddings:
-            config = self._pipeline_config(modality, batch_size=1, train=False, num_epochs=1, seed=0)
-            first = None
-            for path in self.split_paths(split):
-                source = tfrecord.TFRecordDataSource([path], on_error=config.on_error)
-                read = pipeline_lib.ReadExample(source, self.classes_of(split), self.question_maker(split),
-                                                decode_audio=config.decode_audio, decode_frames=config.decode_frames)
-                first = next((e for e in (read((i, 1)) for i in range(len(source))) if e is not None), None)
-                if first is not None:
-                    break
-            if first is None:
-                raise ValueError(f"split {split!r}: no readable record in {self.split_paths(split)[:3]}")
-            self._paddings[key] = self.transform(modality, tokenizer_dir).split_padding(
-                first, self.question_classes(split), self.num_options(), self.config.data.prompt_buckets)
+            data = self.config.data
+            self._paddings[key] = transforms.VideoBuckets(
+                frames=tuple(data.video_frame_buckets), patches=tuple(data.video_patch_buckets),
+                text_tokens=transform.text_tokens(self.question_classes(split), self.num_options()))
         return self._paddings[key]
+
+    def padding(self, modality: str, split: str, tokenizer_dir=None) -> dict | None:
+        """How `modality`'s batches of `split` are padded: each batch on its own, to the smallest of
+        config.data.prompt_buckets that holds its longest prompt, or (video) to the smallest
+        (frames, patches) bucket pair that holds its videos, the prompt to what that pair implies.
+        The hosts agree on each step's lengths (pipeline.AgreeOnShapes)."""
+        if modality == "waveform":
+            return None
+        transform = self.transform(modality, tokenizer_dir)
+        video = self.video_buckets(modality, split, tokenizer_dir)
+        buckets = tuple(self.config.data.prompt_buckets)
+        return transform.padding(buckets, video) if video is not None else transform.padding(buckets)
 
     def dataset(self, modality: str, split: str, *, batch_size: int, train: bool = False,
                 num_epochs: int | None = 1, seed: int = 0, tokenizer_dir=None,
