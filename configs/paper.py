@@ -5,9 +5,17 @@
         audio=ckpt/Qwen2-Audio-7B-Instruct,visual=ckpt/Qwen2-VL-7B-Instruct,\\
         manifest=data/vggsound/vggsound.manifest.json,pann=ckpt/Cnn14_16k_mAP=0.438.pth,mesh=1x8x1
 
+Rehearsal on a VGGSound-shaped stand-in (random tiny checkpoints with the real tokenizer, clips of
+every shape, README "Rehearse the paper run"):
+
+    python -m data_pipelines.standin --out /tmp/standin
+    python -m distill_jax.main --config=configs/paper.py:standin=/tmp/standin --workdir=/tmp/rehearsal
+
 Arguments (comma-separated key=value after the colon): direction=vl_to_audio|audio_to_vl,
 audio= / visual= (Hugging Face checkpoint directories, converted on load by convert.load_hf),
-manifest= (the converted VGGSound manifest), pann= (a PANN Cnn14 .pth or its safetensors copy),
+manifest= (the converted VGGSound manifest), or csv= + video_dir= (the prepare stage converts them into
+the workdir; analysis_size=, default 3090), standin=DIR (the stand-in's CSV, clips and checkpoints, with
+few steps: `rehearsal`), pann= (a PANN Cnn14 .pth or its safetensors copy),
 audio_visual= (optional: a Qwen2.5-Omni checkpoint or hub id, e.g. Qwen/Qwen2.5-Omni-7B, scored on
 audio, silent video and sounded video as the audio-visual reference), teacher=audio_visual (its
 sounded-video answers teach the student instead of the other modality's model), humans= (a CSV
@@ -23,6 +31,9 @@ LLM's attention and MLP projections (q, k, v, o, gate, up, down), one epoch over
 split, cosine schedule with warmup, the teacher's letter as target where the switch is closed
 and the student's own answer elsewhere. `sweep(add)` lists the ablations.
 """
+import json
+import os
+
 import ml_collections
 
 from configs import toy
@@ -49,7 +60,13 @@ TOPOLOGY_PRESETS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1",
-                         topology="", audio_visual="", teacher="", humans="", unseen_manifest="")
+                         topology="", audio_visual="", teacher="", humans="", unseen_manifest="", csv="",
+                         video_dir="", analysis_size="3090", standin="")
+    standin = standin_values(args["standin"]) if args["standin"] else {}
+    for key, value in standin.items():
+        if args[key] and args[key] != value and key not in ("analysis_size",):
+            raise ValueError(f"config arguments standin= and {key}=: the stand-in sets {key}; give one of them")
+        args[key] = value
     preset = {}
     if args["topology"]:
         if args["topology"] not in TOPOLOGY_PRESETS:
@@ -70,7 +87,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"
     c.models.quantize = preset.get("quantize")
 
+    if args["csv"] and args["manifest"]:
+        raise ValueError("config arguments csv= and manifest=: the prepare stage converts the CSV into the "
+                         "workdir's manifest; give one of them")
     c.data.manifest = args["manifest"] or None
+    # csv= + video_dir=: the prepare stage converts the clips (data_pipelines.vggsound) into the run's
+    # workdir (data/vggsound/, shared by its seeds); manifest=: clips converted beforehand.
+    c.data.vggsound = ml_collections.ConfigDict(dict(csv=args["csv"] or None, video_dir=args["video_dir"] or None,
+                                                     analysis_size=int(args["analysis_size"]), workers=0))
     c.data.humans = args["humans"] or None  # a CSV of human answers (data_pipelines/humans.py); None: no humans
     c.data.max_seconds = 10.0
     c.data.audio_chunk_seconds = 30.0  # the processor's chunk; we compute a 10.08 s window of it
@@ -135,7 +159,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.checkpoint_every = 500
     c.distill.log_every = 10
     c.distill.eval_splits = ("test", "analysis", *unseen)  # analysis: the paper's headline split
+    if standin:
+        rehearsal(c, preset)
     return c
+
+
+def standin_values(directory: str) -> dict:
+    """The config arguments a stand-in directory (`python -m data_pipelines.standin --out DIR`) fills."""
+    made_file = os.path.join(directory, "standin.json")
+    if not os.path.exists(made_file):
+        raise ValueError(f"config argument standin={directory}: no {made_file}; build the stand-in first "
+                         f"(python -m data_pipelines.standin --out {directory})")
+    with open(made_file, encoding="utf-8") as f:
+        made = json.load(f)
+    values = dict(csv=made["csv"], video_dir=made["clips_dir"], audio=made["checkpoints"]["qwen2_audio"],
+                  visual=made["checkpoints"]["qwen2_vl"], pann=made["pann"], analysis_size=str(made["analysis_size"]))
+    if "qwen2_5_omni" in made["checkpoints"]:
+        values["audio_visual"] = made["checkpoints"]["qwen2_5_omni"]
+    return values
+
+
+def rehearsal(c, preset: dict) -> None:
+    """The paper run on the stand-in: every setting as above, on a few dozen clips, with a few steps. Batch
+    sizes are the topology preset's, or 8 (whole batches on 1, 2, 4 or 8 devices)."""
+    batch = lambda key, default=8: preset.get(key, default)
+    c.evaluate.batch_size = batch("label_batch")
+    c.label.batch_size = batch("label_batch")
+    c.label.chunk_batches = 2
+    c.models.audio_visual.batch_size = batch("audio_visual_batch")
+    c.switch.batch_size = 8
+    c.switch.epochs = 2
+    c.distill.batch_size = batch("distill_batch")
+    c.distill.max_steps = 4
+    c.distill.warmup_steps = 1
+    c.distill.checkpoint_every = 2
+    c.distill.log_every = 1
+    c.data.worker_count = 2
+    c.data.max_error_fraction = 0.1  # the stand-in's two faulty files are 8 % of its test split
 
 
 def sweep(add):

@@ -64,6 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = config_dict.placeholder(str)  # None: the toy world's, in the workdir
+    # Real data converted by the prepare stage (configs/paper.py: csv=, video_dir=): a VGGSound CSV and
+    # its clips -> <workdir>/data/vggsound/ (workers 0: one decoding process per CPU).
+    c.data.vggsound = ml_collections.ConfigDict(dict(csv=config_dict.placeholder(str),
+                                                     video_dir=config_dict.placeholder(str),
+                                                     analysis_size=config_dict.placeholder(int), workers=0))
     c.data.world = ml_collections.ConfigDict(dict(scale=0.25 if tiny else float(args["scale"]), fps=4.0,
                                                   workers=0))
     c.data.max_seconds = 2.0  # the toy clips' length (VGGSound: 10)

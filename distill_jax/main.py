@@ -258,8 +258,18 @@ def check_config(config, stages) -> None:
                               "(no config.json) nor a hub id (owner/name)")
         if config.data.get("humans") and not multihost.path(config.data.humans).exists():
             errors.append(f"config.data.humans={config.data.humans!r} does not exist")
-        if not config.data.manifest or not multihost.path(config.data.manifest).exists():
-            errors.append(f"config.data.manifest={config.data.manifest!r} does not exist")
+        vgg = config.data.vggsound
+        if vgg.csv:
+            if not multihost.path(vgg.csv).is_file():
+                errors.append(f"config.data.vggsound.csv={vgg.csv!r} does not exist")
+            if not vgg.video_dir or not multihost.path(vgg.video_dir).is_dir():
+                errors.append(f"config.data.vggsound.video_dir={vgg.video_dir!r} is not a directory (the clips of "
+                              "config.data.vggsound.csv)")
+            errors += [_number(config, "data.vggsound.analysis_size", kind=int, low=0),
+                       _number(config, "data.vggsound.workers", kind=int, low=0)]
+        elif not config.data.manifest or not multihost.path(config.data.manifest).exists():
+            errors.append(f"config.data.manifest={config.data.manifest!r} does not exist (or give "
+                          "config.data.vggsound.csv and video_dir: configs/paper.py:csv=...,video_dir=...)")
         if config.data.unseen.manifest and not multihost.path(config.data.unseen.manifest).exists():
             errors.append(f"config.data.unseen.manifest={config.data.unseen.manifest!r} does not exist (convert "
                           "AudioSet's evaluation segments first: python -m data_pipelines.audioset ...)")
@@ -354,7 +364,8 @@ _PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "da
            "data.question_strategy", "data.question_seed", "data.question_template", "data.system_prompt",
            "data.prompt_buckets", "data.video_frame_buckets", "data.video_patch_buckets", "compute_dtype")
 STAGE_CONFIG = {
-    "prepare": ("toy", "data.manifest", "data.world.scale", "data.world.fps"),
+    "prepare": ("toy", "data.manifest", "data.vggsound.csv", "data.vggsound.video_dir",
+                "data.vggsound.analysis_size", "data.world.scale", "data.world.fps"),
     "warm_start": ("warm_start.split", "warm_start.weight_decay", "warm_start.models", *_PROMPT),
     "evaluate": ("models.audio.path", "models.visual.path", "models.attention_impl", "models.quantize", *_PROMPT),
     "switch": ("direction", "teacher", "switch.split", "switch.eval_split", "switch.backbone", "switch.finetune",

@@ -242,3 +242,103 @@ def read_pth(path: str, *, reader: str = "auto") -> Any:
     if zipfile.is_zipfile(path):
         return _materialize(_read_zip(path), path)
     return _materialize(_read_legacy(path), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (without torch)
+# ---------------------------------------------------------------------------------------------
+
+_STORAGE_OF = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items() if k != "BFloat16Storage"}
+
+
+def _pickle_tensors(obj, storages: list[np.ndarray]) -> bytes:
+    """Protocol-2 pickle of `obj` (str-keyed dicts, lists, numbers, strings, arrays) in torch's tensor
+    encoding: each array is `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False,
+    OrderedDict())` over a persistent storage id ("storage", torch.<Type>Storage, key, "cpu", numel).
+    The opcodes are written out here because pickle's own Pickler would import torch to name them."""
+    out = [pickle.PROTO + b"\x02"]
+
+    def text(s: str) -> None:
+        data = s.encode("utf-8")
+        out.append(pickle.BINUNICODE + struct.pack("<I", len(data)) + data)
+
+    def integer(n: int) -> None:
+        out.append(pickle.BININT + struct.pack("<i", int(n)) if -2**31 <= n < 2**31 else
+                   pickle.LONG1 + bytes([8]) + int(n).to_bytes(8, "little", signed=True))
+
+    def ints(values) -> None:
+        out.append(pickle.MARK)
+        for v in values:
+            integer(v)
+        out.append(pickle.TUPLE)
+
+    def save(x) -> None:
+        if isinstance(x, np.ndarray):
+            array = np.require(x, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+            if array.dtype not in _STORAGE_OF:
+                raise ValueError(f"write_pth: no torch storage for dtype {array.dtype}")
+            key = str(len(storages))
+            storages.append(array)
+            out.append(pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK)
+            out.append(pickle.MARK)
+            text("storage")
+            out.append(pickle.GLOBAL + f"torch\n{_STORAGE_OF[array.dtype]}\n".encode())
+            text(key)
+            text("cpu")
+            integer(array.size)
+            out.append(pickle.TUPLE + pickle.BINPERSID)
+            integer(0)
+            ints(array.shape)
+            ints([s // array.itemsize for s in array.strides] if array.size else [1] * array.ndim)
+            out.append(pickle.NEWFALSE)
+            out.append(pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE)
+            out.append(pickle.TUPLE + pickle.REDUCE)
+        elif isinstance(x, dict):
+            out.append(pickle.EMPTY_DICT + pickle.MARK)
+            for k, v in x.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"write_pth: dict keys must be str, got {k!r}")
+                text(k)
+                save(v)
+            out.append(pickle.SETITEMS)
+        elif isinstance(x, (list, tuple)):
+            out.append(pickle.MARK)
+            for v in x:
+                save(v)
+            out.append(pickle.TUPLE if isinstance(x, tuple) else pickle.LIST)
+        elif isinstance(x, bool):
+            out.append(pickle.NEWTRUE if x else pickle.NEWFALSE)
+        elif isinstance(x, int):
+            integer(x)
+        elif isinstance(x, float):
+            out.append(pickle.BINFLOAT + struct.pack(">d", x))
+        elif isinstance(x, str):
+            text(x)
+        elif x is None:
+            out.append(pickle.NONE)
+        else:
+            raise ValueError(f"write_pth: cannot write a {type(x).__name__}")
+
+    save(obj)
+    out.append(pickle.STOP)
+    return b"".join(out)
+
+
+def write_pth(path: str, obj: Any) -> str:
+    """Save `obj` (e.g. {"model": state dict of NumPy arrays}) as torch.save's zip archive would,
+    without torch: `torch.load(path, weights_only=True)` and `read_pth` read it back. Written to a
+    temporary name, then renamed."""
+    import os
+
+    storages: list[np.ndarray] = []
+    data = _pickle_tensors(obj, storages)
+    prefix = os.path.splitext(os.path.basename(os.fspath(path)))[0] or "archive"
+    tmp = os.fspath(path) + ".tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{prefix}/data.pkl", data)
+        archive.writestr(f"{prefix}/byteorder", "little")
+        for key, array in enumerate(storages):
+            archive.writestr(f"{prefix}/data/{key}", array.tobytes())
+        archive.writestr(f"{prefix}/version", "3\n")
+    os.replace(tmp, path)
+    return os.fspath(path)

@@ -98,6 +98,11 @@ def check_unseen(unseen: dict, unseen_path, unseen_split: str, seen: dict, seen_
                          "an unseen class must be new to the distillation (leave it out of the converter's --keep)")
 
 
+def vggsound_manifest_path(run_dir) -> epath.Path:
+    """Where the prepare stage converts config.data.vggsound.csv: <run workdir>/data/vggsound/."""
+    return multihost.path(run_dir) / "data" / "vggsound" / "vggsound.manifest.json"
+
+
 STAGES = ("prepare", "warm_start", "evaluate", "switch", "label", "distill", "report")
 
 
@@ -140,6 +145,10 @@ class Study:
         return self.workdir.joinpath(*parts)
 
     def manifest_path(self) -> epath.Path:
+        """config.data.manifest; the prepare stage's conversion of config.data.vggsound.csv (in the run's
+        workdir, shared by its seeds); or the toy world's."""
+        if self.config.data.vggsound.csv:
+            return vggsound_manifest_path(self.run_dir)
         return multihost.path(self.config.data.manifest or self.path("data", "tfrecords", "toy_world.manifest.json"))
 
     def unseen_manifest_path(self) -> epath.Path | None:

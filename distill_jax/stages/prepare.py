@@ -2,9 +2,10 @@
 
 Toy world: generates the procedural clips and converts them (`data_pipelines.toy_world`: the
 unseen classes through the AudioSet converter, as a real run's), and writes a tiny Qwen2
-tokenizer whose corpus holds the class names. Real data: the manifest the config names must
-exist (convert VGGSound first with `python -m data_pipelines.vggsound`); this stage checks it
-and prints its report. Both: the unseen split's manifest (config.data.unseen) is read and
+tokenizer whose corpus holds the class names. Real data: with config.data.vggsound.csv the clips
+are converted here (`data_pipelines.vggsound`, into the run's data/vggsound/); otherwise the
+manifest the config names must exist (converted beforehand); this stage checks it and prints
+its report. Both: the unseen split's manifest (config.data.unseen) is read and
 checked (no class of it distilled on). Reruns skip finished work (the converter skips
 finished shards). On several hosts, process 0 prepares and the others wait at a barrier. A
 remote (gs://) workdir gets the toy world through a local staging directory.
@@ -29,6 +30,8 @@ def run(study) -> None:
 
 def _prepare(study) -> None:
     config = study.config
+    if not config.toy and config.data.vggsound.csv:
+        _convert_vggsound(study)
     if not config.toy:
         path = study.manifest_path()
         if not path.exists():
@@ -49,6 +52,19 @@ def _prepare(study) -> None:
             make_qwen2_tokenizer(out, words=study.classes, vocab_size=TOY_TOKENIZER_VOCAB)
     converter.print_report(study.manifest)
     _check_unseen(study)
+
+
+def _convert_vggsound(study) -> None:
+    """config.data.vggsound's CSV and clips -> TFRecords + manifest in <run workdir>/data/vggsound/
+    (data_pipelines.vggsound; a rerun skips the finished shards, so later seeds only check them)."""
+    from data_pipelines import vggsound
+
+    cfg = study.config.data.vggsound
+    target = study.manifest_path().parent
+    print(f"prepare: converting {cfg.csv} (clips in {cfg.video_dir}) into {target}", flush=True)
+    with multihost.staged(target) as out:
+        vggsound.main(["--csv", cfg.csv, "--video-dir", cfg.video_dir, "--out", out, "--analysis-size",
+                       str(cfg.analysis_size), "--workers", str(cfg.workers or os.cpu_count()), "--no-progress"])
 
 
 def _check_unseen(study) -> None:
