@@ -100,8 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.audio_chunk_seconds = 30.0  # the processor's chunk; we compute a 10.08 s window of it
     c.data.video_fps = 2.0
     c.data.question_strategy = "uniform"
+    c.data.exclude_related = True  # never a second right answer among the distractors (related_classes.py)
     c.data.num_options = 10
-    c.data.prompt_buckets = (512, 1024, 2048, 4096, 8192)  # audio prompts (10 s: 250 audio tokens)
+    c.data.prompt_buckets = (256, 384, 512, 1024, 2048)  # audio prompts (10 s: 250 audio tokens + the question)
     # VGGSound's clips come in every shape and length: each keeps the processor's smart_resize of its
     # own frames (short side <= 448 from the converter) and its own length, and a batch is padded to
     # the smallest pair of these buckets that holds it: temporal patches (10 s at 2 fps: 10) and

@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_options = 10
     c.data.question_strategy = "fixed"
     c.data.question_seed = 0
+    # Leave out of a clip's distractors the classes related to its class (synonyms, classes usually on
+    # the same clips: data_pipelines/related_classes.py, as the manifest records them) and its other
+    # labels (the manifest's other_labels). The toy's classes are distinct and its questions list them all.
+    c.data.exclude_related = config_dict.placeholder(bool)  # None: off
     c.data.question_template = prompts.DEFAULT_QUESTION
     c.data.system_prompt = prompts.DEFAULT_SYSTEM
     # The toy prompts list all 20 classes: 165 tokens (visual) and 205 (audio); tight buckets save a

@@ -9,7 +9,10 @@ Strategies:
     "confusion"  distractors first from `confusions[true class]` (an ordered list of the
                  classes most often confused with it, e.g. from a confusion matrix), then, if
                  that list is short, uniformly from the rest.
-The options are then shuffled, and `answer` is the position of the true class.
+The options are then shuffled, and `answer` is the position of the true class. With `related`
+(class -> classes never offered beside it: synonyms and classes usually on the same clips,
+`data_pipelines/related_classes.py`) and `other_labels` (clip id -> its other valid labels),
+a clip's distractors never include another right answer.
     "fixed"      every question lists all the classes in class-list order (num_options must be
                  the number of classes), so the answer letter is a function of the class alone.
                  The toy world uses it: its tiny models, trained from scratch on a CPU, cannot
@@ -57,10 +60,14 @@ class QuestionMaker:
         strategy: "uniform" or "confusion" (see the module docstring).
         confusions: for "confusion", class -> ordered confusable classes (all in `class_names`).
         seed: changes every question at once; the default 0 is the published question set.
+        related: class -> classes never drawn as its distractors (names outside the list are ignored).
+        other_labels: clip id -> the clip's other valid labels, never drawn as its distractors.
     """
 
     def __init__(self, class_names: Sequence[str], *, num_options: int = 10, strategy: str = "uniform",
-                 confusions: Mapping[str, Sequence[str]] | None = None, seed: int = 0):
+                 confusions: Mapping[str, Sequence[str]] | None = None, seed: int = 0,
+                 related: Mapping[str, Sequence[str]] | None = None,
+                 other_labels: Mapping[str, Sequence[str]] | None = None):
         self.class_names = tuple(class_names)
         if len(set(self.class_names)) != len(self.class_names):
             dup = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
@@ -75,6 +82,9 @@ class QuestionMaker:
         if strategy == "fixed" and num_options != len(self.class_names):
             raise ValueError(f"strategy='fixed' lists every class: num_options must be {len(self.class_names)}, "
                              f"got {num_options}")
+        if strategy == "fixed" and (related or other_labels):
+            raise ValueError("strategy='fixed' lists every class: it cannot leave out related classes or a clip's "
+                             "other labels (config.data.exclude_related needs 'uniform' or 'confusion')")
         if strategy == "confusion" and confusions is None:
             raise ValueError("strategy='confusion' needs a `confusions` mapping")
         self._index = {name: i for i, name in enumerate(self.class_names)}
@@ -85,6 +95,13 @@ class QuestionMaker:
                 raise ValueError(f"confusions for {name!r} name classes not in the class list: {unknown}")
             self.confusions[name] = tuple(dict.fromkeys(c for c in similar if c != name))
         self.num_options, self.strategy, self.seed = num_options, strategy, int(seed)
+        self.related = {a: frozenset(bs) for a, bs in (related or {}).items()}
+        self.other_labels = {str(c): frozenset(ls) for c, ls in (other_labels or {}).items()}
+
+    def excluded(self, clip_id: str, true_class: str) -> frozenset[str]:
+        """The classes never offered as distractors of this clip: related to its class, or its other labels."""
+        return (self.related.get(true_class, frozenset()) | self.other_labels.get(str(clip_id), frozenset())) - {
+            true_class}
 
     def __call__(self, clip_id: str, true_class: str) -> Question:
         if true_class not in self._index:
@@ -94,10 +111,16 @@ class QuestionMaker:
             return Question(options=self.class_names, answer=self._index[true_class])
         rng = clip_rng(clip_id, self.seed)
         needed = self.num_options - 1
+        excluded = self.excluded(clip_id, true_class)
         distractors = []
         if self.strategy == "confusion":
-            distractors = list(self.confusions.get(true_class, ()))[:needed]
-        rest = [c for c in self.class_names if c != true_class and c not in distractors]
+            distractors = [c for c in self.confusions.get(true_class, ()) if c not in excluded][:needed]
+        rest = [c for c in self.class_names if c != true_class and c not in distractors and c not in excluded]
+        if len(rest) < needed - len(distractors):
+            raise ValueError(f"clip {clip_id} ({true_class!r}): only {len(rest) + len(distractors)} of the "
+                             f"{len(self.class_names)} classes are neither its class nor related to it "
+                             f"({sorted(excluded)}), fewer than the {needed} distractors of a {self.num_options}-way "
+                             "question")
         picks = rng.choice(len(rest), size=needed - len(distractors), replace=False)
         options = [true_class, *distractors, *(rest[i] for i in picks)]
         order = rng.permutation(len(options))

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipelines import converter
+from data_pipelines import converter, related_classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,17 +162,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--analysis-size", type=int, default=3090,
                    help="clips moved from train to the analysis split (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the analysis split")
+    p.add_argument("--other-labels", help="CSV of further valid labels per clip (VGGSounder's format: video_id, "
+                   "label): recorded in the manifest, never offered as a clip's distractors")
+    p.add_argument("--no-related", action="store_true", help="do not record the related-classes table "
+                   "(data_pipelines/related_classes.py) in the manifest")
     args = p.parse_args(argv)
 
     rows = read_csv(args.csv)
     classes = read_class_list(args.classes) if args.classes else sorted({r.label for r in rows})
     rows = draw_analysis_split(rows, args.analysis_size, seed=args.seed)
     plan = make_plan(rows, args.video_dir, name_format=args.name_format, trimmed=not args.untrimmed)
+    questions = {}
+    if not args.no_related:
+        questions["related_classes"] = {"source": related_classes.SOURCE,
+                                        "table": related_classes.restrict(related_classes.load(), classes)}
+    if args.other_labels:
+        ids = {r.clip_id for r in rows}
+        known = set(classes)
+        other = {clip: sorted(labels & known) for clip, labels in related_classes.read_labels(args.other_labels).items()
+                 if clip in ids}
+        questions["other_labels"] = {clip: labels for clip, labels in sorted(other.items()) if labels}
     manifest = converter.convert(
         plan, args.out, name=args.name, classes=classes, options=decode_options(args),
         clips_per_shard=args.clips_per_shard, workers=args.workers, progress=not args.no_progress,
         extra={"source": {"csv": os.path.abspath(args.csv), "analysis_size": args.analysis_size,
-                          "analysis_seed": args.seed}})
+                          "analysis_seed": args.seed}, **questions})
     converter.print_report(manifest)
     return manifest
 

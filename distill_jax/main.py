@@ -160,6 +160,7 @@ def check_config(config, stages) -> None:
                _number(config, "data.video_fps", low=0, low_open=True),
                _number(config, "data.max_pixels", kind=int, low=28 * 28),
                _choice(config, "data.question_strategy", STRATEGIES),
+               _choice(config, "data.exclude_related", (True, False), none_ok=True),
                _number(config, "data.question_seed", kind=int, low=0),
                _choice(config, "data.on_error", ("raise", "skip")),
                _number(config, "data.max_error_fraction", low=0, high=1),
@@ -361,8 +362,8 @@ def remove_leftovers(workdir) -> None:
 # depend on every value of the stages before it. Run-only values (batch sizes of scoring, log and
 # checkpoint intervals, workers, error handling, which splits or modes to produce) are not here.
 _PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "data.max_pixels", "data.num_options",
-           "data.question_strategy", "data.question_seed", "data.question_template", "data.system_prompt",
-           "data.prompt_buckets", "data.video_frame_buckets", "data.video_patch_buckets", "compute_dtype")
+           "data.question_strategy", "data.question_seed", "data.exclude_related", "data.question_template",
+           "data.system_prompt", "data.prompt_buckets", "compute_dtype")
 STAGE_CONFIG = {
     "prepare": ("toy", "data.manifest", "data.vggsound.csv", "data.vggsound.video_dir",
                 "data.vggsound.analysis_size", "data.world.scale", "data.world.fps"),

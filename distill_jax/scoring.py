@@ -26,12 +26,13 @@ from distill_jax.train.loop import batch_sharding, local_rows, place
 
 def score_split(dataset, compute: Callable, record: Callable[[dict, int, np.ndarray], dict], out, *, mesh,
                 num_batches: int, chunk_batches: int = 0, static_inputs: Callable[[dict], tuple] = lambda b: (),
-                desc: str = "") -> list[dict]:
+                desc: str = "", observe: Callable[[dict], None] | None = None) -> list[dict]:
     """Records of every valid clip of `dataset` (this host's Grain batches), written to `out`.
 
     compute(placed batch, static) -> global per-clip array [B, ...] (jitted by the caller);
     record(host batch, row, outputs row) -> the clip's JSON record. Returns all hosts' records
-    in record order (every host reads the merged file).
+    in record order (every host reads the merged file). `observe(host batch)` sees every batch
+    that is computed (distill_jax.input_stats).
     """
     import tqdm
 
@@ -53,6 +54,8 @@ def score_split(dataset, compute: Callable, record: Callable[[dict, int, np.ndar
     for i, batch in enumerate(progress):
         if finished(i // chunk_batches):
             continue  # scored by an earlier run
+        if observe is not None:
+            observe(batch)
         values = local_rows(compute(place(batch, mesh), static_inputs(batch)))
         faults.point("score_batch")
         for row in np.flatnonzero(np.asarray(batch["valid"])):

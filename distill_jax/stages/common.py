@@ -119,6 +119,7 @@ class Study:
     _data_errors: object = None
     _transforms: dict = dataclasses.field(default_factory=dict)
     _paddings: dict = dataclasses.field(default_factory=dict)
+    _input_log: object = None
 
     def __post_init__(self):
         self.workdir = multihost.path(self.workdir)
@@ -243,11 +244,28 @@ class Study:
         return unseen if self.config.data.unseen.distractors == "unseen" else \
             self.classes + [c for c in unseen if c not in self.classes]
 
+    def related(self, split: str | None = None) -> tuple[dict, dict]:
+        """(class -> related classes, clip id -> other labels) a question about a clip of `split` leaves
+        out of its distractors (config.data.exclude_related): as the split's manifest records them
+        (`related_classes`, `other_labels`), or for a manifest without the table the shipped one
+        (data_pipelines/related_classes.py); ({}, {}) when off."""
+        if not self.config.data.get("exclude_related"):
+            return {}, {}
+        from data_pipelines import related_classes
+
+        manifest = self._source(split)[0] if split is not None else self.manifest
+        table = (manifest.get("related_classes") or {}).get("table")
+        if table is None:
+            table = related_classes.restrict(related_classes.load(), self.question_classes(split))
+        return table, manifest.get("other_labels") or {}
+
     def question_maker(self, split: str | None = None) -> QuestionMaker:
         data = self.config.data
+        related, other_labels = self.related(split)
         try:
             return QuestionMaker(self.question_classes(split), num_options=self.num_options(),
-                                 strategy=data.question_strategy, seed=data.question_seed)
+                                 strategy=data.question_strategy, seed=data.question_seed, related=related,
+                                 other_labels=other_labels)
         except ValueError as e:
             path = self.unseen_manifest_path() if split == UNSEEN else self.manifest_path()
             raise ValueError(f"questions about split {split!r} ({path}, config.data.unseen.distractors="
@@ -303,6 +321,26 @@ class Study:
                 frames=tuple(data.video_frame_buckets), patches=tuple(data.video_patch_buckets),
                 text_tokens=transform.text_tokens(self.question_classes(split), self.num_options()))
         return self._paddings[key]
+
+    @property
+    def input_log(self):
+        """This seed's record of the programs' input shapes and padding (distill_jax/input_stats.py)."""
+        if self._input_log is None:
+            from distill_jax.input_stats import InputLog
+
+            self._input_log = InputLog(self.path("input_shapes.json"))
+        return self._input_log
+
+    def observer(self, name: str, program: str, split: str, modality: str | None = None, tokenizer_dir=None):
+        """`input_log.observer` for `name`'s `program` on `split`, bounded by its padding's bucket count:
+        video bucket pairs, prompt buckets, or 1 for the switch's fixed-length audio."""
+        modality = modality or name
+        if modality == "waveform":
+            bound = 1
+        else:
+            video = self.video_buckets(modality, split, tokenizer_dir)
+            bound = video.programs if video is not None else len(self.config.data.prompt_buckets)
+        return self.input_log.observer(name, program, split, bound)
 
     def padding(self, modality: str, split: str, tokenizer_dir=None) -> dict | None:
         """How `modality`'s batches of `split` are padded: each batch on its own, to the smallest of

@@ -61,7 +61,7 @@ def train(study, mode: str, out):
                             num_epochs=None, seed=study.config.seed, targets=JoinTargets(labels))
     objective = distill_objective(study.letter_ids(study.student), mode=cfg.loss, temperature=cfg.temperature,
                                   model_inputs=transform.model_inputs)
-    return loop.train(
+    trained = loop.train(
         student_with_lora(study), objective, iter(dataset),
         optimizer=loop.OptimizerConfig(learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, updates - 1),
                                        total_steps=updates, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
@@ -70,7 +70,10 @@ def train(study, mode: str, out):
                              max_nonfinite_steps=cfg.max_nonfinite_steps),
         mesh=study.mesh, name=f"distill {mode}", workdir=out, trained=nnx.LoRAParam,
         static_inputs=transform.static_inputs, summary=lambda m: f"teacher-used {m['closed_fraction']:.2f}",
-        log_clip_ids=True)
+        log_clip_ids=True, observe=study.observer(f"student_{mode}", "train", study.config.label.split,
+                                                  study.student))
+    study.input_log.save()
+    return trained
 
 
 def run(study) -> None:
@@ -89,7 +92,7 @@ def run(study) -> None:
             lora.export_peft(model, adapter, base_model_name_or_path=base)
         for split in todo:
             records = score_model(study, model, study.student, split, study.records_path(name, split),
-                                  batch_size=study.config.evaluate.batch_size)
+                                  batch_size=study.config.evaluate.batch_size, name=name)
             print(f"distill: {mode} student on {split}: {accuracy(records, study.classes_of(split))['overall']:.3f}",
                   flush=True)
         del model  # one student in memory at a time

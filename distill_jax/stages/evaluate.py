@@ -60,16 +60,20 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def score_model(study, model, modality: str, split: str, out_path, *, batch_size: int,
-                chunk_batches: int = 0) -> list[dict]:
-    """Per-clip letter records of `model` (`modality`'s) on `split`, written to `out_path` (JSON
-    lines; resumable by chunks of `chunk_batches` batches, see `scoring.score_split`)."""
+                chunk_batches: int = 0, name: str | None = None) -> list[dict]:
+    """Per-clip letter records of `model` (`modality`'s; `name` in the input log, default the
+    modality) on `split`, written to `out_path` (JSON lines; resumable by chunks of `chunk_batches`
+    batches, see `scoring.score_split`)."""
     transform = study.transform(modality)
     compute = scoring.letter_scorer(model, study.letter_ids(modality), transform.model_inputs, study.mesh)
-    return scoring.score_split(study.dataset(modality, split, batch_size=batch_size), compute, scoring.letter_record,
+    records = scoring.score_split(study.dataset(modality, split, batch_size=batch_size), compute, scoring.letter_record,
                                out_path, mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split),
                                                                                          batch_size),
                                chunk_batches=chunk_batches, static_inputs=transform.static_inputs,
-                               desc=f"{modality} on {split}")
+                               desc=f"{modality} on {split}",
+                               observe=study.observer(name or modality, "score", split, modality))
+    study.input_log.save()
+    return records
 
 
 def summary(study, names: Sequence[str], splits: Sequence[str]) -> dict:

@@ -30,14 +30,15 @@ def run(study) -> None:
 
 def _prepare(study) -> None:
     config = study.config
-    if not config.toy and config.data.vggsound.csv:
-        _convert_vggsound(study)
     if not config.toy:
-        path = study.manifest_path()
-        if not path.exists():
-            raise FileNotFoundError(f"config.data.manifest {path} does not exist: convert the clips first "
-                                    "(python -m data_pipelines.vggsound --csv ... --video-dir ... --out ...)")
-        converter.print_report(study.manifest)
+        if config.data.vggsound.csv:
+            _convert_vggsound(study)  # prints the manifest's report
+        else:
+            path = study.manifest_path()
+            if not path.exists():
+                raise FileNotFoundError(f"config.data.manifest {path} does not exist: convert the clips first "
+                                        "(python -m data_pipelines.vggsound --csv ... --video-dir ... --out ...)")
+            converter.print_report(study.manifest)
         _check_unseen(study)
         return
     if not study.manifest_path().exists() or not study.unseen_manifest_path().exists():

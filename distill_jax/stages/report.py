@@ -312,6 +312,11 @@ def build(studies: list) -> dict:
                               "skipped": data_errors.summary(data_errors.read_all(first.run_dir))}
     for row in results["data_errors"]["skipped"]:
         row["of"] = first.num_examples(row["split"])
+    results["data_errors"]["converter_skipped"] = converter_skipped(first)
+    from distill_jax import input_stats
+
+    results["inputs"] = {str(r["seed"]): input_stats.summary(multihost.read_json(s.path("input_shapes.json")))
+                         for s, r in zip(studies, seed_results) if s.path("input_shapes.json").exists()}
     timings = [study.path("timings.json") for study in studies]
     results["timings_s"] = {}
     for path, result in zip(timings, seed_results):
@@ -411,6 +416,7 @@ def markdown(results: dict) -> str:
                   markdown_table(results["modality_gap"]["rows"], ["class", "audio", "visual", "difference"]),
                   "", "![visual − audio accuracy per class](modality_gap.png)"]
     lines += data_errors_section(results)
+    lines += inputs_section(results.get("inputs"))
     if results.get("timings_s"):
         lines += ["", "Stage wall times (s): " + "; ".join(
             f"seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) for seed, t in results["timings_s"].items())]
@@ -438,13 +444,59 @@ def switch_variants_section(variants: dict | None) -> list[str]:
                         "finding."]
 
 
+def converter_skipped(study) -> list[dict]:
+    """The clips the converter left out of the run's manifests (unreadable files, no audio stream,
+    too short, ...): clip id, split, reason and detail, as its manifest lists them."""
+    from distill_jax.stages.common import UNSEEN
+
+    rows = [{**row, "manifest": "main"} for row in study.manifest.get("skipped", [])]
+    if study.unseen_manifest_path() is not None and UNSEEN in study.config.evaluate.splits:
+        rows += [{**row, "manifest": UNSEEN} for row in study.unseen_manifest.get("skipped", [])]
+    return rows
+
+
+MAX_LISTED = 50
+
+
+def converter_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["", "The converter skipped no clip."]
+    lines = ["", f"The converter skipped {len(rows)} clip(s), left out of every split (the manifests' `skipped`):", "",
+             "| manifest | split | clip | reason | detail |", "|---|---|---|---|---|"]
+    for row in rows[:MAX_LISTED]:
+        detail = str(row.get("detail", "")).replace("|", "/")[:120]
+        lines.append(f"| {row['manifest']} | {row['split']} | {row['clip_id']} | {row['reason']} | {detail} |")
+    if len(rows) > MAX_LISTED:
+        lines.append(f"| ... | | {len(rows) - MAX_LISTED} more | | |")
+    return lines
+
+
+def inputs_section(inputs: dict | None) -> list[str]:
+    """Per seed and program: the distinct input shapes (one compile each) against the bound, and padding."""
+    if not inputs:
+        return []
+    lines = ["", "## Compiled input shapes", "",
+             "| seed | model / program | input shapes (compiles) | at most | batch sizes |", "|---|---|---|---|---|"]
+    for seed, summary in inputs.items():
+        for key, p in summary["programs"].items():
+            lines.append(f"| {seed} | {key} | {p['shapes']} | {'-' if p['bound'] is None else p['bound']} | "
+                         f"{', '.join(map(str, p['batch_sizes']))} |")
+    lines += ["", "| seed | model / program / split | padding of prompt tokens (%) | of video patches (%) |",
+              "|---|---|---|---|"]
+    for seed, summary in inputs.items():
+        for key, p in summary["padding"].items():
+            lines.append(f"| {seed} | {key} | {_pct(p.get('tokens'))} | {_pct(p.get('patches'))} |")
+    return lines + ["", "At most: the padding's bucket count (video: frame x patch bucket pairs; audio: prompt buckets) "
+                        "per batch size; padding: process 0's batches."]
+
+
 def data_errors_section(results: dict) -> list[str]:
     errors = results.get("data_errors")
     if not errors:
         return []
-    lines = ["", "## Data errors", ""]
+    lines = ["", "## Data errors", "", *converter_section(errors.get("converter_skipped", [])), ""]
     if not errors["skipped"]:
-        return lines + [f"No record was skipped (on_error={errors['on_error']!r})."]
+        return lines + [f"No record was skipped while reading (on_error={errors['on_error']!r})."]
     lines += ["| seed | split | skipped records | of records | reasons (records) |", "|---|---|---|---|---|"]
     for row in errors["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in row["reasons"].items())

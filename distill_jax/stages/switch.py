@@ -104,7 +104,9 @@ def visual_embeddings(study, split: str) -> dict[str, np.ndarray]:
             study.dataset("visual", split, batch_size=batch_size), scoring.pooled_vision_scorer(model, study.mesh),
             lambda batch, row, vector: {"clip_id": str(batch["clip_id"][row]), "embedding": _encode(vector)}, path,
             mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split), batch_size),
-            static_inputs=transform.static_inputs, desc=f"visual embeddings of {split}")
+            static_inputs=transform.static_inputs, desc=f"visual embeddings of {split}",
+            observe=study.observer("visual", "embed", split))
+        study.input_log.save()
         del model
     return {r["clip_id"]: np.frombuffer(base64.b64decode(r["embedding"]), "<f4") for r in read_records(path)}
 
@@ -185,7 +187,8 @@ def probabilities(study, compute, split: str, out_path, *, batch_size: int,
         study.dataset("waveform", split, batch_size=batch_size, targets=join), compute,
         lambda batch, row, prob: {"clip_id": str(batch["clip_id"][row]), "prob": float(prob)}, out_path,
         mesh=study.mesh, num_batches=scoring.num_batches(study.num_examples(split), batch_size),
-        desc=f"switch on {split}")
+        desc=f"switch on {split}", observe=study.observer("switch", "score", split, "waveform"))
+    study.input_log.save()
     return {r["clip_id"]: r["prob"] for r in records}
 
 

@@ -168,7 +168,9 @@ def train_modality(study, modality: str):
                                        total_steps=run.steps, weight_decay=cfg.weight_decay, clip_norm=1.0),
         loop=loop.LoopConfig(steps=run.steps, log_every=cfg.log_every, max_nonfinite_steps=cfg.max_nonfinite_steps),
         mesh=study.mesh,
-        name=f"warm start {modality}", trained=nnx.Param, static_inputs=transform.static_inputs)
+        name=f"warm start {modality}", trained=nnx.Param, static_inputs=transform.static_inputs,
+        observe=study.observer(name, "train", cfg.split, tokenizer_dir=tokenizer_dir))
+    study.input_log.save()
     save_hf(model, out, tokenizer_dir=tokenizer_dir)
     return out
 

@@ -256,14 +256,15 @@ def _truncate_log(path: epath.Path, step: int) -> None:
 def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, optimizer: OptimizerConfig,
           loop: LoopConfig, mesh, name: str, workdir=None, trained=nnx.LoRAParam, mutable=nnx.Nothing,
           static_inputs: Callable[[dict], tuple] = lambda batch: (), summary: Callable[[dict], str] | None = None,
-          log_clip_ids: bool = False, history: list | None = None) -> nnx.Module:
+          log_clip_ids: bool = False, history: list | None = None,
+          observe: Callable[[dict], None] | None = None) -> nnx.Module:
     """Train `model` (placed on `mesh`) for `loop.steps` steps of `batches`; returns it trained.
 
     With `workdir`: checkpoints in workdir/checkpoints (resumed from the latest; the iterator
     must be a Grain iterator, its position is saved with it), metrics in workdir/logs, and with
     `log_clip_ids` process 0's clip ids of every step in workdir/batches.jsonl.
     `summary(averages) -> str` adds to the progress line; `history` gets (step, averages) of
-    every log step.
+    every log step. `observe(host batch)` sees every step's batch (distill_jax.input_stats).
     """
     from distill_jax.train.checkpoint import TrainCheckpointer
     from distill_jax.train.metrics import MetricWriter
@@ -312,6 +313,8 @@ def train(model: nnx.Module, loss_fn: Callable, batches: Iterator[dict], *, opti
     try:
         while step < loop.steps:
             batch = next(batches)
+            if observe is not None:
+                observe(batch)
             state, metrics = step_fn(state, frozen, place(batch, mesh), static_inputs(batch))
             step += 1
             pending.append((step, metrics))

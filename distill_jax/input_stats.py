@@ -1,0 +1,100 @@
+"""What the jitted programs were fed: per model and program its distinct input shapes (each is one
+XLA compile of that program) against the most its padding allows, and per split how much of the
+input was padding.
+
+`InputLog(path)` is kept per seed workdir (`input_shapes.json`); the scorer and the trainer call
+`observer(...)(host batch)` on every batch before placing it. Shapes are the same on every host
+(pipeline.AgreeOnShapes); the padding fractions are process 0's batches (a share of the split).
+Saved by process 0 after each scoring or training, merged with what earlier runs recorded, so a
+resumed run keeps the figures of the work it skips.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from distill_jax import multihost
+
+
+def signature(batch: dict) -> dict[str, list[int]]:
+    """The shapes of a host batch's numeric fields (what a jitted call's input shapes are made of)."""
+    out = {}
+    for key, value in batch.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "biuf":
+            out[key] = [int(n) for n in array.shape]
+    return dict(sorted(out.items()))
+
+
+def padding_counts(batch: dict) -> dict[str, list[int]]:
+    """[real, total] prompt tokens and (video) patches of a host batch."""
+    counts = {}
+    if "attention_mask" in batch:
+        mask = np.asarray(batch["attention_mask"])
+        counts["tokens"] = [int(mask.sum()), int(mask.size)]
+    if "pixel_values_videos" in batch and np.ndim(batch["pixel_values_videos"]) == 4:
+        grid = np.asarray(batch["video_grid_thw"])
+        counts["patches"] = [int(np.prod(grid, axis=1).sum()), int(np.prod(batch["pixel_values_videos"].shape[:3]))]
+    return counts
+
+
+class InputLog:
+    """Shapes and padding of one seed's runs (see the module docstring)."""
+
+    def __init__(self, path):
+        self.path = multihost.path(path)
+        self._lock = threading.Lock()
+        self.programs: dict[str, dict] = {}  # "model/program" -> {"shapes": [...], "bound_per_batch_size": n}
+        self.padding: dict[str, dict] = {}  # "model/program/split" -> {"tokens": [real, total], ...}
+        if self.path.exists():
+            saved = multihost.read_json(self.path)
+            self.programs, self.padding = saved.get("programs", {}), saved.get("padding", {})
+
+    def observer(self, model: str, program: str, split: str, bound: int | None = None):
+        """A callable for every host batch of `model`'s `program` ("score", "train") on `split`;
+        `bound`: the most input shapes one batch size can give (the padding's bucket count)."""
+        key = f"{model}/{program}"
+        fresh = set()  # this run's shapes; the saved ones are kept
+        counts: dict[str, list[int]] = {}
+
+        def observe(batch: dict) -> None:
+            sig = signature(batch)
+            with self._lock:
+                entry = self.programs.setdefault(key, {"shapes": [], "bound_per_batch_size": bound})
+                if bound is not None:
+                    entry["bound_per_batch_size"] = bound
+                if sig not in entry["shapes"]:
+                    entry["shapes"].append(sig)
+                fresh.add(repr(sig))
+                for name, (real, total) in padding_counts(batch).items():
+                    have = counts.setdefault(name, [0, 0])
+                    have[0] += real
+                    have[1] += total
+                if counts:
+                    self.padding[f"{key}/{split}"] = {name: list(v) for name, v in counts.items()}
+
+        return observe
+
+    def save(self) -> None:
+        if multihost.is_main():
+            with self._lock:
+                multihost.write_json(self.path, {"programs": self.programs, "padding": self.padding}, indent=1,
+                                     sort_keys=True)
+
+
+def summary(log: dict) -> dict:
+    """results.json's view of a seed's log: per program the number of shapes, the bound (its
+    padding's bucket count x the batch sizes seen) and whether it held; per split the padding
+    fractions."""
+    programs = {}
+    for key, entry in sorted(log.get("programs", {}).items()):
+        shapes = entry["shapes"]
+        batch_sizes = sorted({next(iter(s.values()))[0] for s in shapes if s})
+        per = entry.get("bound_per_batch_size")
+        bound = None if per is None else per * len(batch_sizes)
+        programs[key] = {"shapes": len(shapes), "bound": bound, "within_bound": None if bound is None else
+                         len(shapes) <= bound, "batch_sizes": batch_sizes}
+    padding = {key: {name: (1 - real / total if total else 0.0) for name, (real, total) in counts.items()}
+               for key, counts in sorted(log.get("padding", {}).items())}
+    return {"programs": programs, "padding": padding}
