@@ -99,6 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_seconds = 10.0
     c.data.audio_chunk_seconds = 30.0  # the processor's chunk; we compute a 10.08 s window of it
     c.data.video_fps = 2.0
+    # The pinned transformers' Qwen2VLVideoProcessor bounds a frame's area (its smart_resize): 128 to 768
+    # 28x28 blocks (a checkpoint's own video_preprocessor_config.json may set others: give them here).
+    c.data.min_pixels = 128 * 28 * 28
+    c.data.max_pixels = 768 * 28 * 28
     c.data.question_strategy = "uniform"
     c.data.exclude_related = True  # never a second right answer among the distractors (related_classes.py)
     c.data.num_options = 10
@@ -106,10 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # VGGSound's clips come in every shape and length: each keeps the processor's smart_resize of its
     # own frames (short side <= 448 from the converter) and its own length, and a batch is padded to
     # the smallest pair of these buckets that holds it: temporal patches (10 s at 2 fps: 10) and
-    # patches per temporal patch (16:9 at 448: 1792; 4:3: 1344; 360p 16:9: 1196; 240p: 540-640; the
-    # largest, 5120, is max_pixels' bound). At most 2 x 6 programs per video model and batch size.
+    # patches per temporal patch (16:9 at 448: 1792; 4:3: 1344; 360p 16:9: 1196; 240p, raised to
+    # min_pixels: 512-560; the largest, 3072, is max_pixels' bound). At most 2 x 5 programs per video
+    # model and batch size.
     c.data.video_frame_buckets = (5, 10)
-    c.data.video_patch_buckets = (640, 1024, 1344, 1792, 3072, 5120)
+    c.data.video_patch_buckets = (640, 1024, 1344, 1792, 3072)
     # At 150K clips a corrupt record is logged (data_errors.jsonl), counted in the report and left out,
     # not fatal; more than max_error_fraction (1 %) of a split bad still stops the run.
     c.data.on_error = "skip"

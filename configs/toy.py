@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.audio_chunk_seconds = 2.0
     c.data.video_fps = 4.0
     c.data.max_pixels = 28 * 28 * 1280
+    c.data.min_pixels = config_dict.placeholder(int)  # None: 56 * 56 (the image processor's)
     c.data.num_options = 10
     c.data.question_strategy = "fixed"
     c.data.question_seed = 0

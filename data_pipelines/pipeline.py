@@ -260,12 +260,36 @@ class ReadExample:
 class ApplyTransform:
     """Runs the model's transform, carries clip_id / index / valid / label / answer into its
     output, and adds the clip's training targets (`targets(example)`: a dict of arrays, e.g. the
-    teacher's letter joined by clip id) when given."""
+    teacher's letter joined by clip id) when given.
 
-    def __init__(self, transform: Callable[[dict], dict] | None, targets: Callable[[dict], dict] | None = None):
-        self.transform, self.targets = transform, targets
+    A clip the transform refuses (a ValueError naming it: frames too small for a patch, audio it
+    cannot read) is, with `reader` and its source's `on_error="skip"`, treated as a bad record: the
+    next usable record of the split stands in, marked invalid, the error in its `data_error`."""
+
+    def __init__(self, transform: Callable[[dict], dict] | None, targets: Callable[[dict], dict] | None = None,
+                 reader: "ReadExample | None" = None):
+        self.transform, self.targets, self.reader = transform, targets, reader
 
     def __call__(self, example: dict) -> dict:
+        try:
+            return self.apply(example)
+        except ValueError as e:
+            if self.reader is None or self.reader.source.on_error == "raise":
+                raise
+            path, offset = self.reader.source.location(int(example["index"]))
+            logging.warning("skipping a clip its model cannot take: %s", e)
+            error = json.dumps({"path": path, "offset": offset, "clip_id": str(example["clip_id"]),
+                                "reason": f"model input: {e}"})
+        size = len(self.reader.source)
+        for step in range(1, size):
+            try:
+                out = self.apply(self.reader.read((int(example["index"]) + step) % size, 0))
+            except ValueError:  # TFRecordError included: another bad record
+                continue
+            return {**out, "data_error": error}
+        raise ValueError(f"no record of {self.reader.source.paths[:3]} is usable by the model")
+
+    def apply(self, example: dict) -> dict:
         if self.transform is None:
             out = dict(example)
         else:
@@ -502,9 +526,10 @@ def make_dataset(paths: Sequence[str], class_names: Sequence[str], *, config: Pi
     ds = grain.MapDataset.range(per_host).repeat(config.num_epochs)
     ds = ds.map_with_index(HostPositions(num_records, per_host, process_index=process_index,
                                          process_count=process_count, shuffle=config.shuffle, seed=config.seed))
-    ds = ds.map(ReadExample(source, class_names, questions, decode_audio=config.decode_audio,
-                            decode_frames=config.decode_frames))
-    ds = ds.map(ApplyTransform(transform, targets))
+    reader = ReadExample(source, class_names, questions, decode_audio=config.decode_audio,
+                         decode_frames=config.decode_frames)
+    ds = ds.map(reader)
+    ds = ds.map(ApplyTransform(transform, targets, reader))
     # Batching random-access elements makes batch i the same whatever the number of workers.
     ds = ds.batch(local_batch, drop_remainder=config.drop_remainder, batch_fn=PadBatch(padding))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

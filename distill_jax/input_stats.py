@@ -3,27 +3,36 @@ XLA compile of that program) against the most its padding allows, and per split 
 input was padding.
 
 `InputLog(path)` is kept per seed workdir (`input_shapes.json`); the scorer and the trainer call
-`observer(...)(host batch)` on every batch before placing it. Shapes are the same on every host
-(pipeline.AgreeOnShapes); the padding fractions are process 0's batches (a share of the split).
-Saved by process 0 after each scoring or training, merged with what earlier runs recorded, so a
-resumed run keeps the figures of the work it skips.
+`observer(...)(host batch)` on every batch before placing it. Shapes are recorded as the jitted
+program sees them, global: a host batch's leading (batch) axis times the process count (every
+host's batch has the same shape, pipeline.AgreeOnShapes). Padding counts are summed over hosts
+when saved, so a run on several hosts records what one host would. Every host calls `save()` after
+each scoring or training (one small all-gather); process 0 writes, only when something changed,
+merged with what earlier runs recorded, so a resumed run keeps the figures of the work it skips.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import threading
 
+import jax
 import numpy as np
 
 from distill_jax import multihost
 
 
-def signature(batch: dict) -> dict[str, list[int]]:
-    """The shapes of a host batch's numeric fields (what a jitted call's input shapes are made of)."""
+def signature(batch: dict, processes: int = 1) -> dict[str, list[int]]:
+    """The global shapes of a host batch's numeric fields (what a jitted call's input shapes are
+    made of): its leading axis is the batch, split evenly over `processes` hosts."""
     out = {}
     for key, value in batch.items():
         array = np.asarray(value)
         if array.dtype.kind in "biuf":
-            out[key] = [int(n) for n in array.shape]
+            shape = [int(n) for n in array.shape]
+            if shape:
+                shape[0] *= processes
+            out[key] = shape
     return dict(sorted(out.items()))
 
 
@@ -47,9 +56,14 @@ class InputLog:
         self._lock = threading.Lock()
         self.programs: dict[str, dict] = {}  # "model/program" -> {"shapes": [...], "bound_per_batch_size": n}
         self.padding: dict[str, dict] = {}  # "model/program/split" -> {"tokens": [real, total], ...}
+        self._host_padding: dict[str, dict] = {}  # this run's counts of this host's batches, summed at save
         if self.path.exists():
             saved = multihost.read_json(self.path)
             self.programs, self.padding = saved.get("programs", {}), saved.get("padding", {})
+        self._written = self._state()
+
+    def _state(self) -> dict:
+        return copy.deepcopy({"programs": self.programs, "padding": self.padding})
 
     def observer(self, model: str, program: str, split: str, bound: int | None = None):
         """A callable for every host batch of `model`'s `program` ("score", "train") on `split`;
@@ -58,8 +72,10 @@ class InputLog:
         fresh = set()  # this run's shapes; the saved ones are kept
         counts: dict[str, list[int]] = {}
 
+        processes = jax.process_count()
+
         def observe(batch: dict) -> None:
-            sig = signature(batch)
+            sig = signature(batch, processes)
             with self._lock:
                 entry = self.programs.setdefault(key, {"shapes": [], "bound_per_batch_size": bound})
                 if bound is not None:
@@ -72,15 +88,40 @@ class InputLog:
                     have[0] += real
                     have[1] += total
                 if counts:
-                    self.padding[f"{key}/{split}"] = {name: list(v) for name, v in counts.items()}
+                    self._host_padding[f"{key}/{split}"] = {name: list(v) for name, v in counts.items()}
 
         return observe
 
     def save(self) -> None:
+        """Sum this run's padding counts over hosts (every host must call it) and write the log
+        from process 0 if it changed."""
+        with self._lock:
+            host = copy.deepcopy(self._host_padding)
+        cells = [(key, name) for key in sorted(host) for name in sorted(host[key])]
+        if jax.process_count() > 1:
+            # Every host observed the same programs and splits (they run the same steps), so the
+            # cells line up; a mismatch would sum unrelated counts, so it stops here instead.
+            from jax.experimental import multihost_utils
+
+            digest = np.frombuffer(hashlib.sha256(repr(cells).encode()).digest(), np.uint8)
+            if not (multihost_utils.process_allgather(digest) == digest).all():
+                raise RuntimeError(f"{self.path}: hosts observed different programs or splits; padding not summed")
+            values = np.asarray([host[key][name] for key, name in cells], np.int64).reshape(-1, 2)
+            # int32 on the wire (JAX without x64): sent as base-2**24 digits, summed as int64 here.
+            digits = np.stack([values >> 24, values & (2**24 - 1)]).astype(np.int32)
+            gathered = np.asarray(multihost_utils.process_allgather(digits), np.int64).sum(axis=0)
+            values = (gathered[0] << 24) + gathered[1]
+        else:
+            values = [host[key][name] for key, name in cells]
+        with self._lock:
+            for (key, name), (real, total) in zip(cells, values):
+                self.padding.setdefault(key, {})[name] = [int(real), int(total)]
+            state = self._state()
+            if state == self._written:
+                return
+            self._written = state
         if multihost.is_main():
-            with self._lock:
-                multihost.write_json(self.path, {"programs": self.programs, "padding": self.padding}, indent=1,
-                                     sort_keys=True)
+            multihost.write_json(self.path, state, indent=1, sort_keys=True)
 
 
 def summary(log: dict) -> dict:

@@ -159,6 +159,7 @@ def check_config(config, stages) -> None:
                _number(config, "data.audio_chunk_seconds", low=0, low_open=True),
                _number(config, "data.video_fps", low=0, low_open=True),
                _number(config, "data.max_pixels", kind=int, low=28 * 28),
+               _number(config, "data.min_pixels", kind=int, low=28 * 28, none_ok=True),
                _choice(config, "data.question_strategy", STRATEGIES),
                _choice(config, "data.exclude_related", (True, False), none_ok=True),
                _number(config, "data.question_seed", kind=int, low=0),
@@ -361,7 +362,8 @@ def remove_leftovers(workdir) -> None:
 # The config values each stage's outputs depend on (besides the seed); a stage's outputs also
 # depend on every value of the stages before it. Run-only values (batch sizes of scoring, log and
 # checkpoint intervals, workers, error handling, which splits or modes to produce) are not here.
-_PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "data.max_pixels", "data.num_options",
+_PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "data.min_pixels", "data.max_pixels",
+           "data.num_options",
            "data.question_strategy", "data.question_seed", "data.exclude_related", "data.question_template",
            "data.system_prompt", "data.prompt_buckets", "compute_dtype")
 STAGE_CONFIG = {

@@ -293,8 +293,10 @@ class Study:
                     made = transforms.Qwen2AudioTransform(tokenizer_dir, max_seconds=data.max_seconds,
                                                           chunk_seconds=data.audio_chunk_seconds, **prompt)
                 else:
+                    bounds = dict(max_pixels=data.max_pixels, **({"min_pixels": data.min_pixels}
+                                                                 if data.get("min_pixels") else {}))
                     made = transforms.Qwen2VLTransform(tokenizer_dir, config=vision.VisionPreprocessConfig(
-                        fps=data.video_fps, max_pixels=data.max_pixels), **prompt)
+                        fps=data.video_fps, **bounds), **prompt)
             self._transforms[key] = made
         return self._transforms[key]
 

@@ -182,3 +182,38 @@ def test_bad_inputs_and_unknown_keys_are_named(tiny_qwen2_5_omni_dir, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(1\): visual\.blocks\.0\.attn\.qkv\.weight"):
         load_hf(str(bad))
+
+
+@nnx.jit
+def _padded_logits(model, arrays):
+    return model(**arrays)
+
+
+@pytest.mark.parametrize("case", ["sounded_video", "silent_video"])
+def test_a_mixed_grid_batch_padded_per_clip_equals_hf_clip_by_clip(tiny_qwen2_5_omni_dir, case):
+    """The two clips (different grids and window counts) as the input pipeline pads them, [B, frames,
+    patches, D] with traced grids: each clip's logits equal HF's on that clip alone (1e-4, float32)."""
+    path, hf = tiny_qwen2_5_omni_dir
+    model = load_hf(path)
+    ids, mask, media = _inputs(case)
+    positions = model.positions(ids, mask, media.get("feature_attention_mask"), None, GRIDS, SECONDS_PER_GRID,
+                                case == "sounded_video")[0]
+    sizes = np.prod(GRIDS, axis=1)
+    packed = np.split(media["pixel_values_videos"], np.cumsum(sizes)[:-1])
+    pixels = np.zeros((len(GRIDS), 5, 40, PATCH_DIM), np.float32)  # buckets larger than both clips
+    for i, (p, (t, h, w)) in enumerate(zip(packed, GRIDS)):
+        pixels[i, :t, :h * w] = p.reshape(t, h * w, -1)
+    arrays = dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels,
+                  video_grid_thw=GRIDS.astype(np.int32), position_ids=positions)
+    if case == "sounded_video":
+        arrays.update(input_features=media["input_features"], feature_attention_mask=media["feature_attention_mask"])
+    ours = np.asarray(_padded_logits(model, arrays))
+    for i in range(len(GRIDS)):
+        real = mask[i].astype(bool)
+        alone = {**{k: v[i:i + 1] for k, v in media.items() if k in ("input_features", "feature_attention_mask",
+                                                                      "video_grid_thw", "video_second_per_grid")},
+                 "pixel_values_videos": packed[i]}
+        if case == "sounded_video":
+            alone["use_audio_in_video"] = True
+        ref = _hf_logits(hf, ids[i:i + 1, real], np.ones((1, real.sum()), np.int64), alone)[0]
+        assert np.abs(ours[i][real] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

@@ -120,3 +120,39 @@ def test_lora_on_language_model_only_and_peft_export(tiny_qwen2_vl_dir, tmp_path
     valid = mask.astype(bool)
     assert np.abs(ours - ref)[valid].max() <= 1e-4
     assert np.abs(ours - _hf_logits(hf, ids, mask, **media))[valid].max() > 1e-3
+
+
+def padded_video(packed: list[np.ndarray], grids, frames: int, patches: int) -> np.ndarray:
+    """Clips' packed patches [t*h*w, D] -> the pipeline's padded layout [B, frames, patches, D]."""
+    out = np.zeros((len(packed), frames, patches, packed[0].shape[-1]), np.float32)
+    for i, (p, (t, h, w)) in enumerate(zip(packed, grids)):
+        out[i, :t, :h * w] = p.reshape(t, h * w, -1)
+    return out
+
+
+@nnx.jit
+def _padded_logits(model, ids, mask, pixels, grids, positions):
+    return model(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, video_grid_thw=grids,
+                 position_ids=positions)
+
+
+def test_a_mixed_grid_batch_equals_hf_clip_by_clip(tiny_qwen2_vl_dir):
+    """Clips of different frame sizes and lengths in one padded batch (the input pipeline's layout, the
+    grids traced under jit): every clip's logits equal HF's on that clip alone, to 1e-4 (float32)."""
+    path, hf = tiny_qwen2_vl_dir
+    model = load_hf(path)
+    rng = np.random.RandomState(3)
+    clips = [preprocess_video(_frames(rng, 4, 60, 90)), preprocess_video(_frames(rng, 6, 90, 60)),
+             preprocess_video(_frames(rng, 2, 56, 56))]
+    grids = [g for _, g in clips]
+    assert len(set(grids)) == 3  # (2, 4, 6), (3, 6, 4), (1, 4, 4)
+    rows = [[5, 6] + _media_run(VIDEO, g) + [7, 8, 9 + i] for i, g in enumerate(grids)]
+    ids, mask = _left_pad(rows)
+    positions = mrope_positions(ids, mask, (), grids, model.config)
+    pixels = padded_video([p for p, _ in clips], grids, frames=4, patches=32)  # buckets larger than every clip
+    ours = np.asarray(_padded_logits(model, ids, mask, pixels, np.asarray(grids, np.int32), positions))
+    for i, ((p, g), row) in enumerate(zip(clips, rows)):
+        alone = _hf_logits(hf, np.asarray([row]), np.ones((1, len(row)), np.int64), pixel_values_videos=p,
+                           video_grid_thw=np.array([g]))[0]
+        np.testing.assert_allclose(ours[i][mask[i].astype(bool)], alone, atol=1e-4, err_msg=str(g))
+    assert np.abs(alone).max() > 0.1
