@@ -15,7 +15,8 @@ Arguments (comma-separated key=value after the colon): direction=vl_to_audio|aud
 audio= / visual= (Hugging Face checkpoint directories, converted on load by convert.load_hf),
 manifest= (the converted VGGSound manifest), or csv= + video_dir= (the prepare stage converts them into
 the workdir; analysis_size=, default 3090), standin=DIR (the stand-in's CSV, clips and checkpoints, with
-few steps: `rehearsal`), pann= (a PANN Cnn14 .pth or its safetensors copy),
+few steps: `rehearsal`), rehearsal=1 (those few steps on data and checkpoints given by the other
+arguments, e.g. your own small CSV and tiny checkpoints), pann= (a PANN Cnn14 .pth or its safetensors copy),
 audio_visual= (optional: a Qwen2.5-Omni checkpoint or hub id, e.g. Qwen/Qwen2.5-Omni-7B, scored on
 audio, silent video and sounded video as the audio-visual reference), teacher=audio_visual (its
 sounded-video answers teach the student instead of the other modality's model), humans= (a CSV
@@ -61,7 +62,7 @@ TOPOLOGY_PRESETS = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = toy.parse_arg(arg, direction="vl_to_audio", audio="", visual="", manifest="", pann="", mesh="1x-1x1",
                          topology="", audio_visual="", teacher="", humans="", unseen_manifest="", csv="",
-                         video_dir="", analysis_size="3090", standin="")
+                         video_dir="", analysis_size="3090", standin="", rehearsal="")
     standin = standin_values(args["standin"]) if args["standin"] else {}
     for key, value in standin.items():
         if args[key] and args[key] != value and key not in ("analysis_size",):
@@ -115,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # model and batch size.
     c.data.video_frame_buckets = (5, 10)
     c.data.video_patch_buckets = (640, 1024, 1344, 1792, 3072)
+    # The prompt's length rounded to the TPU flash kernel's block (layers/attention.FLASH_BLOCK): at other
+    # lengths the decoder's attention falls back to XLA, whose [T, T] scores at ~7,800 tokens do not fit.
+    c.data.video_prompt_multiple = 128
     # At 150K clips a corrupt record is logged (data_errors.jsonl), counted in the report and left out,
     # not fatal; more than max_error_fraction (1 %) of a split bad still stops the run.
     c.data.on_error = "skip"
@@ -165,7 +169,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.checkpoint_every = 500
     c.distill.log_every = 10
     c.distill.eval_splits = ("test", "analysis", *unseen)  # analysis: the paper's headline split
-    if standin:
+    if args["rehearsal"] not in ("", "0", "1"):
+        raise ValueError(f"config argument rehearsal={args['rehearsal']!r}: 1 (few steps) or 0")
+    if standin or args["rehearsal"] == "1":
         rehearsal(c, preset)
     return c
 

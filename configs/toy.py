@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The toy's clips are uniform (2 s at 4 fps, 64x64: 4 x 16); real clips are not (configs/paper.py).
     c.data.video_frame_buckets = (4,)
     c.data.video_patch_buckets = (16, 64, 256, 1024, 5120)
+    c.data.video_prompt_multiple = 8  # a video prompt's length rounded up to a multiple of this
     # "raise": a bad record stops the run naming file and offset; "skip": it is logged with file, offset,
     # clip id and reason, counted per split in <workdir>/data_errors.jsonl and the report, and left out,
     # while more than max_error_fraction of a split's records bad stops the run.

@@ -34,6 +34,7 @@ class VideoBuckets:
     frames: tuple[int, ...]
     patches: tuple[int, ...]
     text_tokens: int
+    multiple: int = 8  # the prompt's length rounded up to this (128: a length the TPU flash kernel takes)
 
     @property
     def programs(self) -> int:
@@ -189,7 +190,7 @@ def video_padding(pad_id: int, buckets: Sequence[int], video: VideoBuckets | Non
         return {"pixel_values_videos": Pad(None, inner=True),
                 "input_ids": Pad(tuple(buckets), value=pad_id, side="left", mask_key="attention_mask"),
                 "position_ids": Pad(tuple(buckets), value=0, side="left")}
-    follow = dict(follows="pixel_values_videos", base=video.text_tokens, per=merge * merge)
+    follow = dict(follows="pixel_values_videos", base=video.text_tokens, per=merge * merge, multiple=video.multiple)
     return {"pixel_values_videos": Pad(tuple(video.frames), inner=True, inner_buckets=tuple(video.patches)),
             "input_ids": Pad(value=pad_id, side="left", mask_key="attention_mask", **follow),
             "position_ids": Pad(value=0, side="left", **follow)}

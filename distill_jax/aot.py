@@ -79,11 +79,30 @@ class Workload:
     attention_impl: str | None = None
     lora_rank: int = 16
     audio_frames: int = 1008  # the 10 s clip's short window (data_pipelines.audio.window_frames(10))
-    video_grid: tuple[int, int, int] = (10, 26, 46)  # 20 frames of 360x640 -> 364x644: t/2, h/14, w/14
+    # The video batch as the pipeline pads it ([B, frames, patches, 1176], grids traced): by default the
+    # largest bucket pair of configs/paper.py (10 temporal patches, 3072 patches each), which every clip
+    # fills: 10 s at 2 fps of a frame at max_pixels (768 28x28 blocks) -> grid (10, 48, 64).
+    video_frames: int = 10
+    video_patches: int = 3072
     num_letters: int = 10
     model: str = "7b"  # the model presets ("tiny": a seconds-long check of this module)
     scan_layers: bool = True  # every part's layers stacked and run by one scan (config.models.scan_layers)
     quantize: str | None = None  # "int8": every Linear's frozen kernel int8 (config.models.quantize)
+
+    @property
+    def video_grid(self) -> tuple[int, int, int]:
+        """A clip's grid (t, h, w) that fills the padded layout: h x w patches the nearest to square with
+        both sides multiples of 8 (whole 2x2 merge blocks and, for Qwen2.5-Omni, whole 8x8 windows)."""
+        sides = [(h, self.video_patches // h) for h in range(8, self.video_patches + 1, 8)
+                 if self.video_patches % h == 0 and (self.video_patches // h) % 8 == 0]
+        if not sides:
+            raise ValueError(f"video_patches={self.video_patches}: no h x w with both sides multiples of 8")
+        h, w = min(sides, key=lambda hw: (abs(hw[0] - hw[1]), hw[0]))
+        return self.video_frames, h, w
+
+    @property
+    def video_tokens(self) -> int:
+        return self.video_frames * self.video_patches // 4  # 2x2 merge
 
 
 @dataclasses.dataclass
@@ -231,8 +250,8 @@ def audio_distill_step(topology: Topology, workload: Workload) -> Compiled:
 
 def _letter_score(model_cls, config, topology: Topology, workload: Workload, media: dict):
     """Lower the letter-scoring program (one forward pass, letters at the last position) of
-    `model_cls(config)` for prompts of `workload` with `media` inputs (ShapeDtypeStructs) and one
-    video grid per clip; (lowered, abstract params, start time)."""
+    `model_cls(config)` for prompts of `workload` with `media` inputs (ShapeDtypeStructs: the padded
+    video and its traced grids, as the pipeline batches them); (lowered, abstract params, start time)."""
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
     config = with_scan_layers(config, workload.scan_layers)
@@ -242,13 +261,12 @@ def _letter_score(model_cls, config, topology: Topology, workload: Workload, med
         quantize_linears(abstract)
     graphdef, params = nnx.split(abstract)
     b, t = workload.batch_size, workload.prompt_length
-    grids = (("video_grid_thw", (workload.video_grid,) * b),)
     letters = jnp.arange(32, 32 + workload.num_letters, dtype=jnp.int32)
 
     @jax.jit
     def score(params, batch):
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(**batch, **dict(grids))
+        hidden = model.hidden_states(**batch)
         return model.logits(hidden[:, -1], letters)
 
     batch = {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
@@ -268,15 +286,22 @@ def _language_model_flops(params, config, workload: Workload) -> float:
                              width=text.num_attention_heads * text.head_dim, train=False)
 
 
+def _padded_video(config, workload: Workload) -> dict:
+    b = workload.batch_size
+    return {"pixel_values_videos": jax.ShapeDtypeStruct(
+                (b, workload.video_frames, workload.video_patches, config.vision.patch_dim), jnp.float32),
+            "video_grid_thw": jax.ShapeDtypeStruct((b, 3), jnp.int32)}
+
+
 def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
-    """The Qwen2-VL-7B teacher's letter scoring (one forward pass) on 20-frame video clips, bf16."""
+    """The Qwen2-VL-7B teacher's letter scoring (one forward pass) on video padded per clip, bf16."""
     config = Qwen2VLConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
     grid, b = workload.video_grid, workload.batch_size
     patches = b * math.prod(grid)
-    video_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2
-    if video_tokens >= workload.prompt_length:
-        raise ValueError(f"prompt_length {workload.prompt_length} cannot hold the clip's {video_tokens} video tokens")
-    media = {"pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
+    if workload.video_tokens >= workload.prompt_length:
+        raise ValueError(f"prompt_length {workload.prompt_length} cannot hold the clip's {workload.video_tokens} "
+                         "video tokens")
+    media = _padded_video(config, workload)
     lowered, params, start = _letter_score(Qwen2VLForConditionalGeneration, config, topology, workload, media)
     segment = grid[1] * grid[2]  # vision attention runs within each temporal patch
     needed = (_language_model_flops(params, config, workload)
@@ -293,13 +318,12 @@ def audio_visual_score_step(topology: Topology, workload: Workload) -> Compiled:
     config = Qwen2_5OmniConfig.preset(workload.model, dtype="bfloat16", param_dtype="bfloat16")
     grid, b, f = workload.video_grid, workload.batch_size, workload.audio_frames
     patches = b * math.prod(grid)
-    media_tokens = math.prod(grid) // config.vision.spatial_merge_size ** 2 + f // 4
+    media_tokens = workload.video_tokens + f // 4
     if media_tokens >= workload.prompt_length:
         raise ValueError(f"prompt_length {workload.prompt_length} cannot hold the clip's {media_tokens} video and "
                          "audio tokens")
     media = {"input_features": jax.ShapeDtypeStruct((b, config.audio.num_mel_bins, f), jnp.float32),
-             "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32),
-             "pixel_values_videos": jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)}
+             "feature_attention_mask": jax.ShapeDtypeStruct((b, f), jnp.int32), **_padded_video(config, workload)}
     lowered, params, start = _letter_score(Qwen2_5OmniThinker, config, topology, workload, media)
     vision, audio = config.vision, config.audio
     window = (vision.window_merge_units * vision.spatial_merge_size) ** 2
@@ -316,14 +340,28 @@ def audio_visual_score_step(topology: Topology, workload: Workload) -> Compiled:
 PROGRAMS = {"distill": audio_distill_step, "score": visual_score_step, "audio_visual_score": audio_visual_score_step}
 
 
+# A prompt's tokens besides its media: the 10 longest of VGGSound's 309 class names as options with the
+# system prompt and chat template, plus the pipeline's margin. Qwen2-VL: 154, measured
+# (Qwen2VLTransform.text_tokens with the real Qwen2 tokenizer of data_pipelines/standin.py's checkpoint);
+# Qwen2.5-Omni's longer system prompt: about 40 more, estimated (its prompt is rounded to 128 anyway).
+QUESTION_TOKENS = 154
+OMNI_QUESTION_TOKENS = 200
+
+
 def workloads(config) -> dict[str, Workload]:
     """The distill and teacher-scoring workloads a run config describes (mesh, batches, remat,
-    attention, the prompt buckets that hold a 10 s clip's audio or 20 frames' video prompt)."""
+    attention): audio prompts in the prompt bucket that holds a 10 s clip's; video at the largest
+    bucket pair of config.data.video_frame_buckets x video_patch_buckets, the prompt at the length the
+    pipeline derives for it (its text budget plus the pair's vision tokens, rounded up to
+    config.data.video_prompt_multiple)."""
     mesh = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     buckets = sorted(config.data.prompt_buckets)
-    question_tokens = 128  # a 10-way VGGSound question with the system prompt and chat template: ~100
+    question_tokens = QUESTION_TOKENS
     audio_tokens = 250  # 10 s
-    video_tokens = math.prod(Workload.video_grid) // 4
+    video = dict(video_frames=max(config.data.video_frame_buckets), video_patches=max(config.data.video_patch_buckets))
+    video_tokens = Workload(**video).video_tokens
+    multiple = config.data.video_prompt_multiple
+    follow = lambda n: -(-n // multiple) * multiple  # noqa: E731
     bucket = lambda n: next(b for b in buckets if b >= n)  # noqa: E731
     common = dict(mesh=mesh, attention_impl=config.models.attention_impl, lora_rank=config.distill.lora.rank,
                   num_letters=config.data.num_options, scan_layers=config.models.scan_layers,
@@ -332,9 +370,9 @@ def workloads(config) -> dict[str, Workload]:
                                 prompt_length=bucket(audio_tokens + question_tokens), remat=config.distill.remat,
                                 **common),
             "score": Workload(batch_size=config.label.batch_size,
-                              prompt_length=bucket(video_tokens + question_tokens),
-                              remat="none", **common),
+                              prompt_length=follow(video_tokens + question_tokens),
+                              remat="none", **video, **common),
             # 1000 mel frames: the Omni tower's five 2 s windows of a 10 s clip -> 250 audio tokens
             "audio_visual_score": Workload(batch_size=config.models.audio_visual.batch_size or config.label.batch_size,
-                                           prompt_length=bucket(video_tokens + audio_tokens + question_tokens),
-                                           remat="none", audio_frames=1000, **common)}
+                                           prompt_length=follow(video_tokens + audio_tokens + OMNI_QUESTION_TOKENS),
+                                           remat="none", audio_frames=1000, **video, **common)}

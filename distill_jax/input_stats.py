@@ -57,6 +57,7 @@ class InputLog:
         self.programs: dict[str, dict] = {}  # "model/program" -> {"shapes": [...], "bound_per_batch_size": n}
         self.padding: dict[str, dict] = {}  # "model/program/split" -> {"tokens": [real, total], ...}
         self._host_padding: dict[str, dict] = {}  # this run's counts of this host's batches, summed at save
+        self._touched: set[tuple[str, str]] = set()  # (model/program, split) observed since the last save
         if self.path.exists():
             saved = multihost.read_json(self.path)
             self.programs, self.padding = saved.get("programs", {}), saved.get("padding", {})
@@ -83,6 +84,7 @@ class InputLog:
                 if sig not in entry["shapes"]:
                     entry["shapes"].append(sig)
                 fresh.add(repr(sig))
+                self._touched.add((key, split))
                 for name, (real, total) in padding_counts(batch).items():
                     have = counts.setdefault(name, [0, 0])
                     have[0] += real
@@ -117,9 +119,19 @@ class InputLog:
             for (key, name), (real, total) in zip(cells, values):
                 self.padding.setdefault(key, {})[name] = [int(real), int(total)]
             state = self._state()
-            if state == self._written:
-                return
-            self._written = state
+            touched, self._touched = sorted(self._touched), set()
+        if multihost.is_main():
+            view = summary(state)
+            for key, split in touched:
+                program = view["programs"][key]
+                bound = "" if program["bound"] is None else f" (at most {program['bound']})"
+                padding = view["padding"].get(f"{key}/{split}", {})
+                print(f"inputs: {key} on {split}: {program['shapes']} input shapes{bound}"
+                      + "".join(f", {name} {fraction:.1%} padding" for name, fraction in sorted(padding.items())),
+                      flush=True)
+        if state == self._written:
+            return
+        self._written = state
         if multihost.is_main():
             multihost.write_json(self.path, state, indent=1, sort_keys=True)
 

@@ -166,6 +166,7 @@ def check_config(config, stages) -> None:
                _choice(config, "data.on_error", ("raise", "skip")),
                _number(config, "data.max_error_fraction", low=0, high=1),
                _number(config, "data.worker_count", kind=int, low=0),
+               _number(config, "data.video_prompt_multiple", kind=int, low=1),
                _choice(config, "data.unseen.distractors", ("unseen", "all"))]
     if config.data.question_strategy != "fixed":
         errors.append(_number(config, "data.num_options", kind=int, low=2, high=26))
@@ -365,7 +366,8 @@ def remove_leftovers(workdir) -> None:
 _PROMPT = ("data.max_seconds", "data.audio_chunk_seconds", "data.video_fps", "data.min_pixels", "data.max_pixels",
            "data.num_options",
            "data.question_strategy", "data.question_seed", "data.exclude_related", "data.question_template",
-           "data.system_prompt", "data.prompt_buckets", "compute_dtype")
+           "data.system_prompt", "data.prompt_buckets", "data.video_frame_buckets", "data.video_patch_buckets",
+           "data.video_prompt_multiple", "compute_dtype")
 STAGE_CONFIG = {
     "prepare": ("toy", "data.manifest", "data.vggsound.csv", "data.vggsound.video_dir",
                 "data.vggsound.analysis_size", "data.world.scale", "data.world.fps"),
@@ -485,6 +487,8 @@ class CompileAnnouncer:
     def __init__(self, after_s: float = 10.0):
         self.after_s = after_s
         self._timers: dict[tuple[int, str], threading.Timer] = {}
+        self.compiles = 0  # every backend compile this process ran (persistent-cache hits are not compiles)
+        self.compile_seconds = 0.0
 
     def _started(self, event: str, value: float, **kwargs) -> None:
         if event != BACKEND_COMPILE_EVENT:
@@ -503,6 +507,8 @@ class CompileAnnouncer:
         timer = self._timers.pop((threading.get_ident(), name), None)
         if timer is not None:
             timer.cancel()
+        self.compiles += 1
+        self.compile_seconds += seconds
         if seconds >= self.after_s:
             print(f"compiled {name} in {seconds:.1f} s", flush=True)
 
@@ -606,12 +612,16 @@ def _run_locked(config, workdir, stages, mesh) -> list[common.Study]:
                 if stage not in stages or stage == "report":
                     continue
                 start = time.perf_counter()
+                compiles = (_announcer.compiles, _announcer.compile_seconds) if _announcer else None
                 faults.set_stage(stage)
                 print(f"== {tag}{stage}", flush=True)
                 modules[stage].run(study)
                 multihost.sync(f"{stage} of seed {study.config.seed}")  # its outputs are complete on every host
                 seconds = time.perf_counter() - start
-                print(f"== {tag}{stage} done in {seconds:.1f} s", flush=True)
+                compiled = "" if compiles is None else (
+                    f" ({_announcer.compiles - compiles[0]} XLA compiles, "
+                    f"{_announcer.compile_seconds - compiles[1]:.1f} s of it compiling)")
+                print(f"== {tag}{stage} done in {seconds:.1f} s{compiled}", flush=True)
                 _record_time(study.path("timings.json"), stage, seconds)  # seconds of each stage's latest run
         if "report" in stages:
             faults.set_stage("report")

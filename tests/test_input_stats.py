@@ -51,3 +51,14 @@ def test_a_rerun_that_sees_nothing_leaves_the_file(tmp_path):
     more.save()
     saved = json.load(open(path))
     assert saved["padding"] == {"visual/score/analysis": {"tokens": [3, 4]}, "visual/score/test": {"tokens": [4, 4]}}
+
+
+def test_save_prints_what_was_observed(tmp_path, capsys):
+    log = input_stats.InputLog(tmp_path / "input_shapes.json")
+    observe = log.observer("audio", "score", "test", bound=3)
+    observe(_batch(2, 8, [8, 4]))
+    observe(_batch(2, 16, [16, 4]))
+    log.save()
+    assert capsys.readouterr().out == "inputs: audio/score on test: 2 input shapes (at most 3), tokens 33.3% padding\n"  # 32 of 48
+    log.save()  # nothing new observed: nothing printed
+    assert capsys.readouterr().out == ""

@@ -445,6 +445,12 @@ def test_a_long_compile_prints_its_name_while_compiling_then_its_time(capsys):
         start = time.time()
         a_program_of_many_layers(jnp.ones((7, 7))).block_until_ready()
         took = time.time() - start
+        count = announcer.compiles
+        assert count >= 1 and 0 < announcer.compile_seconds <= took + 0.1
+        a_program_of_many_layers(jnp.ones((7, 7))).block_until_ready()  # compiled: not counted again
+        assert announcer.compiles == count
+        a_program_of_many_layers(jnp.ones((5, 5))).block_until_ready()  # another shape: compiled again
+        assert announcer.compiles > count
     finally:
         announcer.unregister()
     out = capsys.readouterr().out

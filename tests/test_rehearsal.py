@@ -6,6 +6,7 @@ Qwen2 tokenizer, 30 s audio chunks and clips of mixed shapes and lengths; then t
 shape while each holds different clips)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,7 +55,9 @@ def test_the_paper_config_runs_every_stage_on_the_standin(made, rehearsal):
     directory, plan = made
     workdir, stdout = rehearsal
     for stage in ("prepare", "evaluate", "switch", "label", "distill"):
-        assert f"== {stage} done in" in stdout
+        assert re.search(rf"== {stage} done in [\d.]+ s \(\d+ XLA compiles, [\d.]+ s of it compiling\)", stdout)
+    assert re.search(r"inputs: visual/score on analysis: \d+ input shapes \(at most 10\), patches [\d.]+% padding, "
+                     r"tokens [\d.]+% padding", stdout)
     manifest = json.load(open(os.path.join(workdir, "data", "vggsound", "vggsound.manifest.json")))
     faulty = {standin.clip_name(c): c["fault"] for c in plan["clips"] if c["fault"] in ("no_audio", "truncated")}
     assert {s["clip_id"]: s["reason"] for s in manifest["skipped"]} == {
@@ -155,3 +158,20 @@ def test_two_processes_score_what_one_does(made, rehearsal, tmp_path):
                                        err_msg=f"{model} {split}")  # bfloat16: a summation order apart
     shapes = json.load(open(os.path.join(two, "seed_0", "input_shapes.json")))["programs"]["visual/score"]["shapes"]
     assert len(shapes) >= 2  # batches of different video layouts met the agreement
+
+
+def test_rehearsal_argument_gives_the_standins_steps_on_given_paths(made):
+    """rehearsal=1 with the paths spelled out is the config standin= makes (a user's own small data)."""
+    from configs import paper
+
+    directory, _ = made
+    values = paper.standin_values(directory)
+    spelled = ",".join(f"{k}={v}" for k, v in values.items() if k != "audio_visual")
+    a = paper.get_config(f"standin={directory}")
+    b = paper.get_config(f"{spelled},rehearsal=1")
+    b.models.audio_visual.path = a.models.audio_visual.path
+    assert a.to_dict() == b.to_dict()
+    full = paper.get_config(spelled)
+    assert full.distill.get("max_steps") != 4 and full.distill.warmup_steps == 100
+    with pytest.raises(ValueError, match="rehearsal"):
+        paper.get_config(f"{spelled},rehearsal=yes")

@@ -15,10 +15,16 @@ from distill_jax import aot
 pytestmark = pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu is not installed")
 
 
+def _tiny(workload):
+    """A preset's workload at tiny size: tiny models, and video and prompts they can hold."""
+    return dataclasses.replace(workload, model="tiny", video_frames=2, video_patches=64,
+                               prompt_length=min(workload.prompt_length, 512))
+
+
 @pytest.mark.parametrize("program", sorted(aot.PROGRAMS))
 def test_tiny_programs_compile_for_v5e_8(program):
     """The machinery at tiny size: sharded over the 8 chips, memory and FLOPs reported."""
-    workload = dataclasses.replace(aot.workloads(paper.get_config("topology=v5e-8"))[program], model="tiny")
+    workload = _tiny(aot.workloads(paper.get_config("topology=v5e-8"))[program])
     result = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-8"], workload)
     assert result.argument_bytes > 0 and result.flops > 0 and result.model_flops > 0
     assert result.fits and result.argument_bytes <= result.peak_bytes < 2 * aot.GIB
@@ -34,8 +40,11 @@ def test_bigger_batch_needs_more_memory():
 @pytest.mark.slow
 @pytest.mark.parametrize("program", sorted(aot.PROGRAMS))
 def test_v5e_8_presets_fit_16_gib_per_chip(program):
-    """configs/paper.py's v5e-8 preset: the 7B programs fit a v5e chip's 16 GiB."""
+    """configs/paper.py's v5e-8 preset: the 7B programs fit a v5e chip's 16 GiB, video at the largest
+    shape the paper config's buckets allow (10 temporal patches of 3072 patches, a 7,936-token prompt)."""
     workload = aot.workloads(paper.get_config("topology=v5e-8"))[program]
+    if program != "distill":
+        assert (workload.video_frames, workload.video_patches) == (10, 3072) and workload.prompt_length % 128 == 0
     # As a run compiles it: conftest's "highest" matmul precision would turn flash attention off.
     with jax.default_matmul_precision("default"):
         result = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-8"], workload)
@@ -48,7 +57,7 @@ def test_tiny_int8_programs_compile_for_one_chip():
     """configs/paper.py's v5e-1 preset at tiny size: one chip, int8 kernels hold fewer bytes than bf16."""
     workloads = aot.workloads(paper.get_config("topology=v5e-1"))
     for program in ("distill", "score"):
-        workload = dataclasses.replace(workloads[program], model="tiny")
+        workload = _tiny(workloads[program])
         assert workload.quantize == "int8" and workload.mesh == (1, 1, 1)
         int8 = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-1"], workload)
         bf16 = aot.PROGRAMS[program](aot.TOPOLOGIES["v5e-1"], dataclasses.replace(workload, quantize=None))

@@ -117,3 +117,26 @@ def test_a_clip_larger_than_every_bucket_is_named(setup):
     with pytest.raises(ValueError, match=r"clip clip00\d: 'pixel_values_videos' has 24 rows per item on axis 1, "
                                          r"over the largest bucket 16"):
         next(it)
+
+
+def test_video_prompts_rounded_to_the_flash_block(setup):
+    """VideoBuckets(multiple=128) (configs/paper.py): every batch's prompt is the length its bucket pair
+    implies rounded up to 128, a length the TPU flash kernel takes; the clip's ids end it unchanged."""
+    path, tokenizer_dir = setup
+    transform = Qwen2VLTransform(tokenizer_dir)
+    text = transform.text_tokens(CLASSES, 10)
+    rounded, plain = ({"video": VideoBuckets(FRAME_BUCKETS, PATCH_BUCKETS, text, multiple=m)} for m in (128, 8))
+    config = PipelineConfig(batch_size=3, shuffle=False, drop_remainder=False, decode_audio=False, read_threads=1)
+    runs = []
+    for video in (rounded, plain):
+        it = iter(make_dataset([path], CLASSES, config=config, transform=transform,
+                               padding=transform.padding(**video), process_index=0, process_count=1))
+        runs.append(list(it))
+        it.close()
+    for a, b in zip(*runs):
+        frames, patches = a["pixel_values_videos"].shape[1:3]
+        assert a["input_ids"].shape[1] == -(-(text + frames * patches // 4) // 128) * 128
+        assert a["input_ids"].shape[1] > b["input_ids"].shape[1]
+        np.testing.assert_array_equal(a["input_ids"][:, -b["input_ids"].shape[1]:], b["input_ids"])
+        np.testing.assert_array_equal(a["position_ids"][:, -b["position_ids"].shape[1]:], b["position_ids"])
+        assert a["attention_mask"].sum() == b["attention_mask"].sum()

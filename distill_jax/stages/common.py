@@ -321,7 +321,8 @@ class Study:
             data = self.config.data
             self._paddings[key] = transforms.VideoBuckets(
                 frames=tuple(data.video_frame_buckets), patches=tuple(data.video_patch_buckets),
-                text_tokens=transform.text_tokens(self.question_classes(split), self.num_options()))
+                text_tokens=transform.text_tokens(self.question_classes(split), self.num_options()),
+                multiple=data.video_prompt_multiple)
         return self._paddings[key]
 
     @property
