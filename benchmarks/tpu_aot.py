@@ -2,9 +2,9 @@
 
 For each topology (v5e-8, v4-8, v5p-8) and its preset in `configs/paper.py`, lowers and compiles
 the Qwen2-Audio-7B LoRA distill step, the Qwen2-VL-7B teacher scoring step and the Qwen2.5-Omni-7B
-scoring step on sounded video (10 s clips:
-1008 mel frames; 20 video frames of 360x640, VGGSound's usual size, at the processor's default
-resolution), then prints per-chip memory against the chip's HBM, XLA's FLOPs per chip per
+scoring step on sounded video (10 s clips: 1008 mel frames; video padded per clip as the pipeline
+pads it, at the largest bucket pair of configs/paper.py: 10 temporal patches of 3072 patches, a frame
+at the video processor's max_pixels, 7680 video tokens), then prints per-chip memory against the chip's HBM, XLA's FLOPs per chip per
 step, and the MFU the step would have at --step-seconds (and the step time 50 % MFU needs).
 XLA's FLOPs include what remat recomputes, so this MFU is a hardware-FLOPs utilisation.
 
@@ -41,6 +41,7 @@ def main():
     p.add_argument("--remat", choices=["none", "dots", "full"])
     p.add_argument("--mesh", help="DATAxFSDPxTENSOR, e.g. 1x8x1")
     p.add_argument("--attention", choices=["xla", "flash"])
+    p.add_argument("--vision-chunk", type=int, help="the vision towers' query chunk (default: the preset's)")
     p.add_argument("--quantize", choices=["none", "int8"], help="the frozen weights (default: the preset's)")
     p.add_argument("--scan", choices=["on", "off"], action="append",
                    help="the models' layers scanned (on, the default) or unrolled; repeatable: both in one run")
@@ -56,8 +57,8 @@ def main():
         workloads = aot.workloads(paper.get_config(f"topology={name}"))
         for program, scan in [(p, s) for p in args.program or sorted(aot.PROGRAMS) for s in args.scan or ["on"]]:
             workload = workloads[program]
-            overrides = {k: v for k, v in dict(batch_size=args.batch, remat=args.remat,
-                                               attention_impl=args.attention).items() if v is not None}
+            overrides = {k: v for k, v in dict(batch_size=args.batch, remat=args.remat, attention_impl=args.attention,
+                                               vision_query_chunk=args.vision_chunk).items() if v is not None}
             if args.mesh:
                 overrides["mesh"] = tuple(int(x) for x in args.mesh.split("x"))
             if args.quantize:
@@ -69,7 +70,9 @@ def main():
             rows.append((name, program, scan, workload.quantize or "bf16", "x".join(map(str, workload.mesh)),
                          workload.batch_size,
                          workload.prompt_length, workload.remat if program == "distill" else "-",
-                         workload.attention_impl or "auto", gib(result.argument_bytes), gib(result.temp_bytes),
+                         workload.attention_impl or "auto",
+                         workload.vision_query_chunk if program != "distill" and workload.vision_query_chunk else "-",
+                         gib(result.argument_bytes), gib(result.temp_bytes),
                          gib(result.output_bytes - result.alias_bytes), gib(result.peak_bytes),
                          f"{topology.hbm_gib:g}", "yes" if result.fits else "NO", f"{result.flops / 1e12:.1f}",
                          f"{result.model_flops / 1e12:.1f}", f"{100 * mfu:.0f}%",
@@ -86,7 +89,8 @@ def main():
                                "fits": result.fits, "flops_per_chip": result.flops,
                                "model_flops_per_chip": result.model_flops, "compile_s": result.compile_s})
     print()
-    print_table(rows, ("topology", "program", "scan", "weights", "mesh", "batch", "tokens", "remat", "attention", "args GiB",
+    print_table(rows, ("topology", "program", "scan", "weights", "mesh", "batch", "tokens", "remat", "attention",
+                       "vision chunk", "args GiB",
                        "temps GiB", "outputs GiB", "peak GiB", "HBM GiB", "fits", "XLA TFLOP/chip", "model TFLOP/chip",
                        f"MFU @ {args.step_seconds:g} s", "s @ 50% MFU", "compile s"))
 

@@ -43,11 +43,11 @@ from distill_jax import prompts
 # Per TPU slice: what fits, from `JAX_PLATFORMS=cpu python benchmarks/tpu_aot.py` (libtpu's compiler,
 # per-chip peak memory of the compiled Qwen2-Audio-7B distill step and Qwen2-VL-7B scoring step, layers
 # scanned; figures in benchmarks/README.md). distill_batch / label_batch are global batch sizes.
-# Peak per chip, distill / scoring: v5e-8 13.91 / 6.79 GiB of 16; v4-8 26.66 / 12.99 of 32; v5p-8
-# 26.65 / 12.99 of 95. Scanned, remat "dots" needs what unrolled "none" did; "none" would not fit
+# Peak per chip, distill / scoring (video at the largest bucket pair, 10 x 3072 patches, vision queries
+# chunked by 512): v5e-8 13.91 / 6.30 GiB of 16; v4-8 26.66 / 11.37 of 32; v5p-8 26.65 / 11.38 of 95. Scanned, remat "dots" needs what unrolled "none" did; "none" would not fit
 # v5e-8 (17.2 GiB of temporaries), "full" needs 4.73 GiB there.
 # audio_visual_batch: the Qwen2.5-Omni-7B sounded-video scoring batch (its evaluate and, as a teacher,
-# label batch): v5e-8 7.85 GiB of 16 per chip at 16. v5e-1: distill 15.13, scoring 14.07, Omni 15.06
+# label batch): v5e-8 6.12 GiB of 16 per chip at 16. v5e-1: distill 15.13, scoring 13.00, Omni 14.83
 # GiB of 16, int8 weights (bf16 ones alone are 16.8 GB).
 TOPOLOGY_PRESETS = {
     "v5e-8": dict(mesh="1x8x1", distill_batch=32, remat="dots", label_batch=16, audio_visual_batch=16),
@@ -87,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
     c.compute_dtype = "bfloat16"
     c.models.quantize = preset.get("quantize")
+    # A frame at max_pixels is 3072 patches: the vision towers score 512 queries at a time, so a
+    # layer's attention holds 1/6 of its [3072, 3072] scores (benchmarks/README.md: what v5e-1 needs).
+    c.models.vision_query_chunk = 512
 
     if args["csv"] and args["manifest"]:
         raise ValueError("config arguments csv= and manifest=: the prepare stage converts the CSV into the "

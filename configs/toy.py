@@ -136,6 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # quantized as they load; LoRA weights and optimizer state keep their dtype. For one 16 GB
     # chip at 7B (configs/paper.py:topology=v5e-1); quality: benchmarks/README.md, int8_quality.py.
     c.models.quantize = config_dict.placeholder(str)
+    # The vision towers' attention scores at most this many queries of a frame at a time (the same
+    # values; memory for the scores of long frames, which the causal flash kernel cannot take); None: all.
+    c.models.vision_query_chunk = config_dict.placeholder(int)
 
     c.warm_start = ml_collections.ConfigDict()
     c.warm_start.split = "pretrain"

@@ -84,6 +84,7 @@ class Workload:
     # fills: 10 s at 2 fps of a frame at max_pixels (768 28x28 blocks) -> grid (10, 48, 64).
     video_frames: int = 10
     video_patches: int = 3072
+    vision_query_chunk: int | None = None  # config.models.vision_query_chunk
     num_letters: int = 10
     model: str = "7b"  # the model presets ("tiny": a seconds-long check of this module)
     scan_layers: bool = True  # every part's layers stacked and run by one scan (config.models.scan_layers)
@@ -253,7 +254,8 @@ def _letter_score(model_cls, config, topology: Topology, workload: Workload, med
     `model_cls(config)` for prompts of `workload` with `media` inputs (ShapeDtypeStructs: the padded
     video and its traced grids, as the pipeline batches them); (lowered, abstract params, start time)."""
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, workload.mesh)), devices=topology.devices())
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl))
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_impl=workload.attention_impl),
+                                 vision=dataclasses.replace(config.vision, query_chunk=workload.vision_query_chunk))
     config = with_scan_layers(config, workload.scan_layers)
     start = time.perf_counter()
     abstract = sharding.abstract_model(lambda: model_cls(config, rngs=nnx.Rngs(0)))
@@ -311,7 +313,7 @@ def visual_score_step(topology: Topology, workload: Workload) -> Compiled:
 
 
 def audio_visual_score_step(topology: Topology, workload: Workload) -> Compiled:
-    """The Qwen2.5-Omni-7B thinker's letter scoring on sounded video (20 frames and their 10 s of
+    """The Qwen2.5-Omni-7B thinker's letter scoring on sounded video (padded video, 10 s of
     audio, interleaved; TMRoPE positions come with the batch, as the transform makes them), bf16."""
     from distill_jax.models.qwen2_5_omni import Qwen2_5OmniConfig, Qwen2_5OmniThinker
 
@@ -358,7 +360,8 @@ def workloads(config) -> dict[str, Workload]:
     buckets = sorted(config.data.prompt_buckets)
     question_tokens = QUESTION_TOKENS
     audio_tokens = 250  # 10 s
-    video = dict(video_frames=max(config.data.video_frame_buckets), video_patches=max(config.data.video_patch_buckets))
+    video = dict(video_frames=max(config.data.video_frame_buckets), video_patches=max(config.data.video_patch_buckets),
+                 vision_query_chunk=config.models.get("vision_query_chunk"))
     video_tokens = Workload(**video).video_tokens
     multiple = config.data.video_prompt_multiple
     follow = lambda n: -(-n // multiple) * multiple  # noqa: E731

@@ -138,6 +138,7 @@ def check_config(config, stages) -> None:
                _choice(config, "models.attention_impl", IMPLEMENTATIONS, none_ok=True),
                _choice(config, "models.scan_layers", (True, False)),
                _choice(config, "models.quantize", [q for q in QUANTIZE if q], none_ok=True),
+               _number(config, "models.vision_query_chunk", kind=int, low=8, none_ok=True),
                _choice(config, "teacher", (common.AUDIO_VISUAL,), none_ok=True)]
     av = config.models.audio_visual
     conditions = tuple(av.conditions)

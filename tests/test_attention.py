@@ -173,3 +173,25 @@ def test_flash_in_the_decoder_matches_xla():
         out = nnx.jit(lambda model, batch: model(**batch))(flash_model, batch)
     real = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["keys", "full"])
+def test_query_chunks_give_the_same_attention(mask_kind):
+    """attention(query_chunk=c): the queries scored c at a time (lax.map) equal one call, for a key
+    padding mask [B, 1, 1, S] (Qwen2-VL's frames) and a full one [B, 1, T, S] (Qwen2.5-Omni's windows)."""
+    from distill_jax.layers.attention import attention, query_chunk_size
+
+    rng = np.random.default_rng(0)
+    b, t, n, h = 3, 96, 4, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+    valid = jnp.arange(t)[None] < jnp.asarray([96, 50, 7])[:, None]
+    if mask_kind == "keys":
+        mask = valid[:, None, None, :]
+    else:
+        window = jnp.arange(t) // 16
+        mask = (window[:, None] == window[None, :])[None, None] & valid[:, None, None, :]
+    whole = attention(q, k, v, mask, scale=h ** -0.5, implementation="xla")
+    assert query_chunk_size(t, 40) == 32 and query_chunk_size(t, None) == t and query_chunk_size(100, 60) == 100
+    for chunk in (32, 8):
+        chunked = attention(q, k, v, mask, scale=h ** -0.5, implementation="xla", query_chunk=chunk)
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)

@@ -176,14 +176,17 @@ def with_language_model_options(config, **options):
 
 
 def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: str = "none",
-            attention_impl: str | None = None, scan_layers: bool = True, quantize: str | None = None) -> nnx.Module:
+            attention_impl: str | None = None, scan_layers: bool = True, quantize: str | None = None,
+            vision_query_chunk: int | None = None) -> nnx.Module:
     """Load a Hugging Face checkpoint directory as our model, parameters in `dtype`, sharded on `mesh`.
 
     `remat` and `attention_impl` set how its language model runs (models.qwen2.REMAT_POLICIES,
     layers.attention.IMPLEMENTATIONS); the audio and vision towers always run "xla". `scan_layers`:
     every part's layers stacked and run by one scan (layers.scan), or unrolled. `quantize="int8"`:
     every Linear's kernel int8 with per-channel scales (layers.quantize), each tensor quantized on
-    its devices as it is read (embedding tables stay in `dtype`). `path` may
+    its devices as it is read (embedding tables stay in `dtype`). `vision_query_chunk`: the vision
+    tower's attention scores that many queries at a time (layers.attention; the same values, less
+    memory for long frames). `path` may
     be a hub id ("Qwen/Qwen2-Audio-7B-Instruct"), fetched into the Hugging Face cache (hub.py).
     Checkpoint parts the model does not use (the full Qwen2.5-Omni's talker and token2wav) are
     skipped and logged with their tensor counts (a `LoadReport`).
@@ -196,6 +199,8 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, remat: st
     config = with_language_model_options(family.config_from_hf(hf_config, dtype), remat=remat,
                                          attention_impl=attention_impl)
     config = with_scan_layers(config, scan_layers)
+    if vision_query_chunk is not None and hasattr(config, "vision"):
+        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, query_chunk=vision_query_chunk))
     ckpt = SafetensorsCheckpoint(path)
     if family is FAMILIES["qwen2_audio"] and config.text.tie_word_embeddings and _AUDIO_LM_HEAD in ckpt \
             and not np.array_equal(ckpt.get(_AUDIO_LM_HEAD), ckpt.get(_AUDIO_EMBED)):

@@ -69,19 +69,45 @@ def choose_implementation(name: str | None, query: jax.Array, *, causal_self: bo
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-              *, scale: float, implementation: str | None = None, key_valid: jax.Array | None = None) -> jax.Array:
+              *, scale: float, implementation: str | None = None, key_valid: jax.Array | None = None,
+              query_chunk: int | None = None) -> jax.Array:
     """softmax(q k^T * scale + mask) v; q [B, T, N, H], k/v [B, S, K, H], N % K == 0.
 
     Fully masked query rows (left padding) come out as a uniform average, never NaN
     (with "flash" they attend to the other padding slots instead; either way their output
     is never read). `key_valid` [B, S] marks real tokens when `mask` is causal & key_valid
-    with T == S (a decoder pass without cache): only then may "flash" run.
+    with T == S (a decoder pass without cache): only then may "flash" run. `query_chunk`: with
+    "xla", the queries are scored `query_chunk_size(T, query_chunk)` at a time, one after the
+    other (`lax.map`), so only [B, N, chunk, S] scores are alive at once (the vision towers' long
+    bidirectional segments, which the causal flash kernel cannot take); the same values.
     """
     causal_self = key_valid is not None and query.shape[1] == key.shape[1]
     impl = choose_implementation(implementation, query, causal_self=causal_self)
     if impl == "flash":
         return flash_attention(query, key, value, key_valid, scale=scale)
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=impl)
+    chunk = query_chunk_size(query.shape[1], query_chunk)
+    if chunk == query.shape[1]:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=impl)
+    b, t, n, h = query.shape
+    chunks = t // chunk
+    q = jnp.moveaxis(query.reshape(b, chunks, chunk, n, h), 1, 0)  # [chunks, B, c, N, H]
+    one = lambda q, m: jax.nn.dot_product_attention(q, key, value, mask=m, scale=scale, implementation=impl)  # noqa: E731
+    if mask.shape[2] == 1:  # a key mask (padding): the same for every chunk
+        out = jax.lax.map(lambda q: one(q, mask), q)
+    else:  # [B', 1, T, S] -> [chunks, B', 1, c, S]
+        m = jnp.moveaxis(mask.reshape(*mask.shape[:2], chunks, chunk, mask.shape[3]), 2, 0)
+        out = jax.lax.map(lambda qm: one(*qm), (q, m))
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)
+
+
+def query_chunk_size(length: int, most: int | None) -> int:
+    """The largest multiple of 8 that divides `length` and is at most `most` (None: `length`, one chunk;
+    a length with no such divisor is not chunked)."""
+    if most is None or most >= length:
+        return length
+    if most < 8:
+        raise ValueError(f"query_chunk={most}: expected at least 8 (or None)")
+    return next((c for c in range(most - most % 8, 7, -8) if length % c == 0), length)
 
 
 def _flash_local(query, key, value, segment_ids, *, scale):

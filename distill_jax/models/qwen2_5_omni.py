@@ -96,6 +96,7 @@ class OmniVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    query_chunk: int | None = None  # attention scores this many queries at a time (layers.attention); None: all
     scan_layers: bool = True  # the blocks stacked and run by one lax.scan, full or window attention per block
 
     def __post_init__(self):
@@ -440,6 +441,7 @@ class OmniVisionAttention(nnx.Module):
     def __init__(self, config: OmniVisionConfig, *, rngs: nnx.Rngs):
         d = config.hidden_size
         self.num_heads, self.head_dim, self.attention_impl = config.num_heads, config.head_dim, config.attention_impl
+        self.query_chunk = config.query_chunk
         kw = dict(use_bias=True, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
         self.q = Linear(d, d, axes=("embed", "q_heads"), **kw)
         self.k = Linear(d, d, axes=("embed", "q_heads"), **kw)
@@ -458,7 +460,8 @@ class OmniVisionAttention(nnx.Module):
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         q = apply_rope(q.astype(jnp.float32), layout.cos, layout.sin).astype(x.dtype)
         k = apply_rope(k.astype(jnp.float32), layout.cos, layout.sin).astype(x.dtype)
-        out = attention(q, k, v, layout.mask, scale=self.head_dim ** -0.5, implementation=self.attention_impl)
+        out = attention(q, k, v, layout.mask, scale=self.head_dim ** -0.5, implementation=self.attention_impl,
+                        query_chunk=self.query_chunk)
         if layout.gather is None:
             return self.proj(out.reshape(*x.shape[:2], self.num_heads * self.head_dim))
         return self.proj(out.reshape(-1, self.num_heads * self.head_dim)[layout.scatter])

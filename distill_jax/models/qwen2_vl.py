@@ -62,6 +62,7 @@ class Qwen2VLVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    query_chunk: int | None = None  # attention scores this many queries at a time (layers.attention); None: all
     scan_layers: bool = True  # the blocks stacked and run by one lax.scan (layers.scan)
 
     def __post_init__(self):
@@ -338,6 +339,7 @@ class VisionAttention(nnx.Module):
     def __init__(self, config: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
         d = config.embed_dim
         self.num_heads, self.head_dim, self.attention_impl = config.num_heads, config.head_dim, config.attention_impl
+        self.query_chunk = config.query_chunk
         kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
         self.qkv = Linear(d, 3 * d, axes=("embed", "q_heads"), use_bias=True, **kw)
         self.proj = Linear(d, d, axes=("q_heads", "embed"), use_bias=True, **kw)
@@ -348,7 +350,8 @@ class VisionAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, implementation=self.attention_impl)
+        out = attention(q, k, v, mask, scale=self.head_dim ** -0.5, implementation=self.attention_impl,
+                        query_chunk=self.query_chunk)
         return self.proj(out.reshape(s, length, -1))
 
 

@@ -391,4 +391,5 @@ class Study:
 
         return load_hf(multihost.local(self.model_dir(modality)), dtype=self.config.compute_dtype, mesh=self.mesh,
                        remat=remat, attention_impl=self.config.models.attention_impl,
-                       scan_layers=self.config.models.scan_layers, quantize=self.config.models.quantize)
+                       scan_layers=self.config.models.scan_layers, quantize=self.config.models.quantize,
+                       vision_query_chunk=self.config.models.get("vision_query_chunk"))
