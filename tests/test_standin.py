@@ -197,3 +197,24 @@ def test_the_plan_has_the_real_worlds_variety():
     assert len(made["classes"]) == 12 and {c for pair in standin.SYNONYM_PAIRS for c in pair} <= set(made["classes"])
     other = standin.plan(seed=1)
     assert other["classes"] != made["classes"] and standin.plan(seed=0) == made  # deterministic per seed
+
+
+def test_every_host_builds_the_same_standin_files(tmp_path, monkeypatch):
+    """On a slice each worker builds its own stand-in (README): the checkpoints and the PANN file are
+    the same bytes whenever they are written (the .pth's zip entries carry no time)."""
+    import hashlib
+    import time
+
+    def digests(root):
+        return {os.path.relpath(os.path.join(d, f), root): hashlib.sha1(open(os.path.join(d, f), "rb").read()).hexdigest()
+                for d, _, files in os.walk(root) for f in files}
+
+    first = tmp_path / "first"
+    standin_checkpoints.write_checkpoints(first, models=("qwen2_audio",))
+    standin_checkpoints.write_pann(first / "Cnn14.pth")
+    later = time.time() + 3600  # an hour later, as far as the zip writer can tell
+    monkeypatch.setattr(time, "time", lambda: later)
+    second = tmp_path / "second"
+    standin_checkpoints.write_checkpoints(second, models=("qwen2_audio",))
+    standin_checkpoints.write_pann(second / "Cnn14.pth")
+    assert digests(first) == digests(second) and len(digests(first)) >= 5

@@ -327,18 +327,23 @@ def _pickle_tensors(obj, storages: list[np.ndarray]) -> bytes:
 def write_pth(path: str, obj: Any) -> str:
     """Save `obj` (e.g. {"model": state dict of NumPy arrays}) as torch.save's zip archive would,
     without torch: `torch.load(path, weights_only=True)` and `read_pth` read it back. Written to a
-    temporary name, then renamed."""
+    temporary name, then renamed. The same `obj` gives the same bytes (entries dated 1980-01-01, not
+    now), so every host of a slice that writes it holds the same file."""
     import os
 
     storages: list[np.ndarray] = []
     data = _pickle_tensors(obj, storages)
     prefix = os.path.splitext(os.path.basename(os.fspath(path)))[0] or "archive"
     tmp = os.fspath(path) + ".tmp"
+
+    def entry(name):
+        return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{prefix}/data.pkl", data)
-        archive.writestr(f"{prefix}/byteorder", "little")
+        archive.writestr(entry(f"{prefix}/data.pkl"), data)
+        archive.writestr(entry(f"{prefix}/byteorder"), "little")
         for key, array in enumerate(storages):
-            archive.writestr(f"{prefix}/data/{key}", array.tobytes())
-        archive.writestr(f"{prefix}/version", "3\n")
+            archive.writestr(entry(f"{prefix}/data/{key}"), array.tobytes())
+        archive.writestr(entry(f"{prefix}/version"), "3\n")
     os.replace(tmp, path)
     return os.fspath(path)
