@@ -219,13 +219,19 @@ class ReadExample:
             if self.source.on_error == "raise":
                 raise
             logging.warning("skipping a bad record: %s", e)
-            error = json.dumps(e.to_dict())
-        for step in range(1, len(self.source)):  # the next readable record stands in, marked invalid
+            return self.stand_in(position, json.dumps(e.to_dict()))
+
+    def stand_in(self, position: int, error: str, use: Callable[[dict], dict] = lambda example: example,
+                 bad: tuple[type[Exception], ...] = (tfrecord.TFRecordError,)) -> dict:
+        """The next record after `position` that reads and that `use` takes without raising one of
+        `bad`, marked invalid and carrying `error` (the skipped record's, for the error log)."""
+        for step in range(1, len(self.source)):
             try:
-                return {**self.read((position + step) % len(self.source), 0), "data_error": error}
-            except tfrecord.TFRecordError:
+                out = use(self.read((position + step) % len(self.source), 0))
+            except bad:
                 continue
-        raise ValueError(f"no readable record among the {len(self.source)} records of {self.source.paths[:3]}")
+            return {**out, "data_error": error}
+        raise ValueError(f"no usable record among the {len(self.source)} records of {self.source.paths[:3]}")
 
     def read(self, position: int, valid: int) -> dict:
         where = self.source.location(position)
@@ -280,14 +286,8 @@ class ApplyTransform:
             logging.warning("skipping a clip its model cannot take: %s", e)
             error = json.dumps({"path": path, "offset": offset, "clip_id": str(example["clip_id"]),
                                 "reason": f"model input: {e}"})
-        size = len(self.reader.source)
-        for step in range(1, size):
-            try:
-                out = self.apply(self.reader.read((int(example["index"]) + step) % size, 0))
-            except ValueError:  # TFRecordError included: another bad record
-                continue
-            return {**out, "data_error": error}
-        raise ValueError(f"no record of {self.reader.source.paths[:3]} is usable by the model")
+        # TFRecordError is a ValueError: a bad record is passed over too
+        return self.reader.stand_in(int(example["index"]), error, use=self.apply, bad=(ValueError,))
 
     def apply(self, example: dict) -> dict:
         if self.transform is None:

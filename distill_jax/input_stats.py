@@ -70,7 +70,6 @@ class InputLog:
         """A callable for every host batch of `model`'s `program` ("score", "train") on `split`;
         `bound`: the most input shapes one batch size can give (the padding's bucket count)."""
         key = f"{model}/{program}"
-        fresh = set()  # this run's shapes; the saved ones are kept
         counts: dict[str, list[int]] = {}
 
         processes = jax.process_count()
@@ -83,7 +82,6 @@ class InputLog:
                     entry["bound_per_batch_size"] = bound
                 if sig not in entry["shapes"]:
                     entry["shapes"].append(sig)
-                fresh.add(repr(sig))
                 self._touched.add((key, split))
                 for name, (real, total) in padding_counts(batch).items():
                     have = counts.setdefault(name, [0, 0])

@@ -308,6 +308,29 @@ def test_corrupt_record_raises_or_is_skipped(paths, tmp_path):
     assert [e["offset"] for e in reported] == [0] and reported[0]["path"] == str(bad)  # reported once, named
 
 
+class _RefusesSome:
+    """A model transform that cannot take clips 20 and 21 (as Qwen2-VL refuses a frame too small)."""
+
+    def __call__(self, example):
+        if example["clip_id"] in ("clip020", "clip021"):
+            raise ValueError(f"clip {example['clip_id']}: too small for a patch")
+        return {"x": np.zeros(2, np.float32)}
+
+
+def test_a_clip_the_model_refuses_raises_or_is_skipped(paths):
+    """on_error="skip": a clip the transform refuses is a bad record; the next clip the model takes
+    stands in, invalid, with the reason (clip 21, refused too, is passed over for clip 22)."""
+    with pytest.raises(ValueError, match="clip clip020: too small for a patch"):
+        _batches(paths, _config(shuffle=False, drop_remainder=False), transform=_RefusesSome())
+    batches = _batches(paths, _config(shuffle=False, drop_remainder=False, on_error="skip"), transform=_RefusesSome())
+    assert _valid_ids(batches) == [f"clip{i:03d}" for i in range(NUM_CLIPS) if i not in (20, 21)]
+    row = list(batches[2]["clip_id"]).index("clip016")
+    assert batches[2]["valid"][row:row + 6].tolist() == [1, 1, 1, 1, 0, 0]
+    assert list(batches[2]["clip_id"][row + 4:row + 6]) == ["clip022", "clip022"]
+    reasons = [json.loads(e)["reason"] for e in batches[2]["data_error"][row + 4:row + 6]]
+    assert reasons == ["model input: clip clip020: too small for a patch", "model input: clip clip021: too small for a patch"]
+
+
 def test_bad_inputs_are_named(paths):
     wrong = ["other"] + CLASSES[1:]  # a class list that is not the one the records were written with
     with pytest.raises(tfrecord.TFRecordError, match=r"a.tfrecord: record at byte offset 0 \(clip clip000\): label "
